@@ -1,0 +1,17 @@
+"""hf-gradprune: remove backdoors from Hub vision models by gradient-based filter pruning + fine-tuning."""
+
+__version__ = "0.1.0"
+
+from .errors import UserError  # noqa: E402
+from .finetune import TuneConfig  # noqa: E402
+from .prune import PruneConfig  # noqa: E402
+from .triggers import TriggerSpec  # noqa: E402
+
+
+def run(*args, **kwargs):
+    """See :func:`hf_gradprune.pipeline.run` (imported lazily: the CLI starts fast)."""
+    from .pipeline import run as _run
+    return _run(*args, **kwargs)
+
+
+__all__ = ["PruneConfig", "TuneConfig", "TriggerSpec", "UserError", "run", "__version__"]

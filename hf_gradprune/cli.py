@@ -1,0 +1,288 @@
+"""`hf-gradprune MODEL --data DATA [--push]`, `hf-gradprune demo`, `hf-gradprune push DIR`.
+
+User errors print one line and exit 2; a failed upload exits 3 with the local folder intact and the retry command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+from .finetune import TuneConfig
+from .prune import PruneConfig
+from .triggers import TRIGGER_KINDS, TriggerSpec
+
+EXIT_USER, EXIT_PUSH = 2, 3
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf-gradprune",
+        description="Remove a backdoor from a timm / transformers CNN by gradient-based filter pruning + fine-tuning "
+                    "(Dunnett et al., 2024). Other commands: 'hf-gradprune demo' (offline demo), "
+                    "'hf-gradprune push DIR' (upload an output folder).")
+    p.add_argument("model", metavar="MODEL", help="Hub model id (org/name) or a local folder in Hub layout")
+    p.add_argument("--version", action="version", version=f"hf-gradprune {__version__}")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub MODEL")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="datasets Hub id or local folder with the clean images")
+    g.add_argument("--data-revision")
+    g.add_argument("--split", default="train", help="few-shot pool (default: train)")
+    g.add_argument("--eval-split", help="test set (default: 'test' if present, else the pool minus the few-shot draw)")
+    g.add_argument("--image-column", help="default: the dataset's Image feature")
+    g.add_argument("--label-column", help="default: the dataset's ClassLabel feature")
+    g.add_argument("--spc", type=int, default=10, help="images per class, train + validation (default 10; 2 = 1 + 1)")
+    g.add_argument("--val-ratio", type=float, default=0.1, help="share of SPC used for validation (at least 1 per class)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-limit", type=int, help="cap the test set at N images (seeded draw) for speed")
+    g = p.add_argument_group("trigger (stamped in pixel space at the model's input size, before normalisation)")
+    g.add_argument("--trigger", choices=TRIGGER_KINDS, default="badnet")
+    g.add_argument("--trigger-image", help="patch / blended: image file; additive: .npy perturbation in pixel units")
+    g.add_argument("--trigger-mask", help="patch: mask image, 255 = trigger pixel")
+    g.add_argument("--blend-alpha", type=float, default=0.2, help="blended: x' = (1-a) x + a t (default 0.2)")
+    g.add_argument("--bpp-levels", type=int, default=8, help="bpp: colour levels per channel (default 8)")
+    g.add_argument("--backdoor-data", help="your own triggered copies of --data (same splits, rows and true labels)")
+    g.add_argument("--target", default="auto", help="target class index or name (default: auto, found from the data)")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--alpha", type=float, default=PruneConfig.alpha,
+                   help="stop when val accuracy drops by more than this absolute fraction (default 0.10)")
+    g.add_argument("--prune-patience", type=int, default=PruneConfig.patience, help="Pp (default 10)")
+    g.add_argument("--max-rounds", type=int, default=PruneConfig.max_rounds)
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--tune-patience", type=int, default=TuneConfig.patience, help="Pt (default 10)")
+    g.add_argument("--max-epochs", type=int, default=TuneConfig.max_epochs)
+    g.add_argument("--lr", type=float, default=TuneConfig.lr)
+    g.add_argument("--tune-batch-size", type=int, default=TuneConfig.batch_size)
+    g = p.add_argument_group("output and Hub")
+    g.add_argument("--output", help="output folder (default ./<model-name>-gradprune)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    g.add_argument("--push", action="store_true", help="upload the output folder to the Hub")
+    g.add_argument("--repo-id", help="default <your user>/<model-name>-gradprune")
+    g.add_argument("--private", action="store_true")
+    g.add_argument("--create-pr", action="store_true")
+    g.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login); never written anywhere")
+    g = p.add_argument_group("safety and runtime")
+    g.add_argument("--allow-pickle", action="store_true", help="load pickle weights (pytorch_model.bin): runs code")
+    g.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code")
+    g.add_argument("--batch-size", type=int, default=256, help="batch size for scoring and evaluation")
+    g.add_argument("--device", help="torch device (default: accelerate's choice)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _push_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-gradprune push", description="Upload an hf-gradprune output folder to the Hub.")
+    p.add_argument("folder")
+    p.add_argument("--repo-id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--create-pr", action="store_true")
+    p.add_argument("--token")
+    return p
+
+
+def _demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-gradprune demo",
+                                description="Offline demo: plant a BadNets backdoor in a small timm CNN trained on "
+                                            "scikit-learn's digits, then remove it with the main job.")
+    p.add_argument("--workdir", default="hf-gradprune-demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def redacted_command(argv: list[str]) -> str:
+    """The command as typed, for the card and report, with any token removed."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--token":
+            skip = True
+            continue
+        if a.startswith("--token="):
+            continue
+        out.append(a)
+    return shlex.join(["hf-gradprune", *out])
+
+
+class TqdmProgress:
+    """Progress events -> one tqdm bar per stage, on stderr."""
+
+    def __init__(self):
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, event) -> None:
+        from tqdm.auto import tqdm
+        if event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            if event.stage in ("prune", "finetune"):
+                unit = "round" if event.stage == "prune" else "epoch"
+                self.bar = tqdm(total=event.total, desc=event.stage, unit=unit, file=sys.stderr, dynamic_ncols=True)
+            elif event.message:
+                print(f"[hf-gradprune] {event.message}", file=sys.stderr)
+            return
+        if self.bar is not None and event.step:
+            self.bar.update(event.step - self.bar.n)
+            vals = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in event.values.items() if v is not None}
+            self.bar.set_postfix(vals, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _summary(report: dict, out: Path) -> str:
+    b, a, t = report["before"], report["after"], report["target"]
+    name = f" ({t['name']})" if t.get("name") else ""
+    lines = [f"target class: {t['index']}{name}{' [auto]' if t['auto'] else ''}",
+             f"pruned {report['rounds']} filters, fine-tuned {report['finetune_epochs']} epochs",
+             f"{'':8}{'before':>9}{'after':>9}"]
+    for key, label in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
+        lines.append(f"{label:8}{100 * b[key]:8.2f}%{100 * a[key]:8.2f}%")
+    lines.append(f"output: {out}")
+    return "\n".join(lines)
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _retry_command(out: Path, repo_id: str, private: bool, create_pr: bool) -> str:
+    args = ["hf-gradprune", "push", str(out), "--repo-id", repo_id] + (["--private"] if private else []) + \
+        (["--create-pr"] if create_pr else [])
+    return shlex.join(args)
+
+
+def _push(out: Path, repo_id: str, token: str | None, private: bool, create_pr: bool) -> int:
+    from .hub import push_folder
+    try:
+        url = push_folder(out, repo_id, token=token, private=private, create_pr=create_pr)
+    except Exception as e:  # network, auth, permissions: whatever it is, the local folder stays
+        reason = _scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, token)[:300]
+        print(f"hf-gradprune: error: upload to {repo_id} failed ({type(e).__name__}: {reason}); the sanitised model is "
+              f"intact in {out}; retry with: {_retry_command(out, repo_id, private, create_pr)}", file=sys.stderr)
+        return EXIT_PUSH
+    print(f"pushed: {url}")
+    return 0
+
+
+def _resolve_repo_id(repo_id: str | None, model_name: str, token: str | None) -> str:
+    if repo_id:
+        return repo_id
+    from .hub import default_repo_id
+    try:
+        return default_repo_id(model_name, token)
+    except Exception as e:
+        raise UserError(f"--push: cannot find your Hub user name ({type(e).__name__}); log in with 'hf auth login', "
+                        "set HF_TOKEN, or give --repo-id") from None
+
+
+def main_job(argv: list[str]) -> int:
+    args = _main_parser().parse_args(argv)
+    from .pipeline import JobConfig, run
+    if args.quiet:
+        _quiet_libraries()
+    trigger = TriggerSpec(args.trigger, args.trigger_image, args.trigger_mask, args.blend_alpha, args.bpp_levels)
+    cfg = JobConfig(model=args.model, data=args.data, output=args.output, revision=args.revision,
+                    data_revision=args.data_revision, split=args.split, eval_split=args.eval_split,
+                    image_column=args.image_column, label_column=args.label_column, spc=args.spc,
+                    val_ratio=args.val_ratio, seed=args.seed, eval_limit=args.eval_limit, trigger=trigger,
+                    backdoor_data=args.backdoor_data, target=args.target,
+                    prune=PruneConfig(args.alpha, args.prune_patience, args.max_rounds),
+                    tune=TuneConfig(lr=args.lr, batch_size=args.tune_batch_size, patience=args.tune_patience,
+                                    max_epochs=args.max_epochs),
+                    batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+                    trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
+                    command=redacted_command(argv))
+    _check_numbers(args)
+    if args.push:  # before the long run: a missing login should not cost the user the whole defence
+        cfg.repo_id = _resolve_repo_id(args.repo_id, f"{Path(args.model.rstrip('/')).name}", args.token)
+    progress = None if args.quiet else TqdmProgress()
+    try:
+        result = run(cfg, progress)
+    finally:
+        if progress:
+            progress.close()
+    print(_summary(result.report, result.output_dir))
+    if args.push:
+        return _push(result.output_dir, cfg.repo_id, args.token, args.private, args.create_pr)
+    return 0
+
+
+def _check_numbers(args) -> None:
+    if not 0 <= args.alpha < 1:
+        raise UserError(f"--alpha {args.alpha}: must be a fraction in [0, 1)")
+    for flag, value in (("--prune-patience", args.prune_patience), ("--max-rounds", args.max_rounds),
+                        ("--tune-patience", args.tune_patience), ("--batch-size", args.batch_size),
+                        ("--tune-batch-size", args.tune_batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if args.max_epochs < 0:
+        raise UserError(f"--max-epochs {args.max_epochs}: must be 0 or more")
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    from huggingface_hub.utils import disable_progress_bars
+    datasets.disable_progress_bars()
+    disable_progress_bars()
+
+
+def push_command(argv: list[str]) -> int:
+    args = _push_parser().parse_args(argv)
+    out = Path(args.folder)
+    report_file = out / "gradprune_report.json"
+    if not report_file.is_file():
+        raise UserError(f"push {out}: no gradprune_report.json, so not an hf-gradprune output folder")
+    source = json.loads(report_file.read_text())["source"]["model"]
+    repo_id = _resolve_repo_id(args.repo_id, Path(source.rstrip("/")).name, args.token)
+    return _push(out, repo_id, args.token, args.private, args.create_pr)
+
+
+def demo_command(argv: list[str]) -> int:
+    args = _demo_parser().parse_args(argv)
+    import time
+    from .demo import run_demo
+    if args.quiet:
+        _quiet_libraries()
+    t0 = time.perf_counter()
+    progress = None if args.quiet else TqdmProgress()
+    try:
+        result = run_demo(Path(args.workdir), progress, seed=args.seed)
+    finally:
+        if progress:
+            progress.close()
+    print(_summary(result.report, result.output_dir))
+    print(f"demo time: {time.perf_counter() - t0:.1f} s (training the backdoored model: "
+          f"{result.report['timing_s']['demo_build']:.1f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"demo": demo_command, "push": push_command}
+    try:
+        if argv and argv[0] in commands:
+            code = commands[argv[0]](argv[1:])
+        else:
+            code = main_job(argv)
+    except UserError as e:
+        print(f"hf-gradprune: error: {e}", file=sys.stderr)
+        code = EXIT_USER
+    except KeyboardInterrupt:
+        print("hf-gradprune: interrupted; nothing was written to the output folder", file=sys.stderr)
+        code = 130
+    return code
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Few-shot data: load a `datasets` dataset, find its columns, draw a seeded class-balanced split.
+
+Following the paper, SPC counts train + val images per class: SPC 2 is 1 train + 1 val image per class.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+
+@dataclass
+class PixelSet:
+    """Images at the model's input size as uint8 (N, 3, H, W) with their true labels."""
+    pixels: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FewShot:
+    train: PixelSet
+    val: PixelSet
+    test: PixelSet
+    train_idx: list[int]  # rows of the pool split
+    val_idx: list[int]
+    test_idx: list[int]  # rows of the test split (or of the pool when the test set is the rest of it)
+    class_names: list[str] | None
+    test_split: str  # name of the split the test set came from, or "<split> minus the few-shot draw"
+
+
+def load_splits(data_id: str, revision: str | None = None):
+    from datasets import DatasetDict, load_dataset
+    try:
+        ds = load_dataset(data_id, revision=revision)
+    except FileNotFoundError:
+        raise UserError(f"--data {data_id}: no such dataset folder or Hub dataset; give a Hub id or a folder in Hub layout") from None
+    except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ValueError)
+        raise UserError(f"--data {data_id}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ds, DatasetDict):
+        raise UserError(f"--data {data_id}: expected a dataset with named splits")
+    return ds
+
+
+def find_columns(features, data_id: str, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    from datasets import ClassLabel, Image as ImageFeature
+    cols = list(features)
+    if image_column is None:
+        image_column = next((c for c in cols if isinstance(features[c], ImageFeature)), None)
+        if image_column is None:
+            raise UserError(f"--data {data_id}: no Image column among {cols}; name it with --image-column")
+    elif image_column not in features:
+        raise UserError(f"--image-column {image_column}: not a column of {data_id} (columns: {cols})")
+    if label_column is None:
+        label_column = next((c for c in cols if isinstance(features[c], ClassLabel)), None)
+        if label_column is None:
+            raise UserError(f"--data {data_id}: no ClassLabel column among {cols}; name it with --label-column")
+    elif label_column not in features:
+        raise UserError(f"--label-column {label_column}: not a column of {data_id} (columns: {cols})")
+    return image_column, label_column
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "", str(name).lower())
+
+
+def _generic(names: list[str] | None) -> bool:
+    return not names or all(re.fullmatch(r"(label_?)?\d+", _norm_name(n)) for n in names)
+
+
+def check_classes(data_names: list[str] | None, labels: np.ndarray, model_names: list[str] | None, num_classes: int,
+                  data_id: str, model_id: str) -> None:
+    """The dataset's classes must be the model's classes, in the same order."""
+    if data_names is not None and len(data_names) != num_classes:
+        raise UserError(f"--data {data_id}: {len(data_names)} classes, but MODEL {model_id} has {num_classes} outputs; "
+                        "use the dataset the model was trained on")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"--data {data_id}: labels span {labels.min()}..{labels.max()}, outside the model's {num_classes} classes")
+    if not _generic(data_names) and not _generic(model_names):
+        mismatch = [(i, d, m) for i, (d, m) in enumerate(zip(data_names, model_names)) if _norm_name(d) != _norm_name(m)]
+        if mismatch:
+            i, d, m = mismatch[0]
+            raise UserError(f"--data {data_id}: class {i} is {d!r} but MODEL {model_id} calls it {m!r}; "
+                            "the dataset's classes must match the model's labels in order")
+
+
+def val_per_class(spc: int, val_ratio: float) -> int:
+    """Validation images per class: SPC 2 gives 1 + 1, SPC 10 gives 9 + 1 at the default ratio 0.1."""
+    return max(1, int(round(spc * val_ratio)))
+
+
+def draw_few_shot(labels: np.ndarray, num_classes: int, spc: int, val_ratio: float, seed: int,
+                  class_names: list[str] | None, flag_source: str) -> tuple[list[int], list[int]]:
+    """Seeded class-balanced draw; a class with fewer than SPC images is an error, never silently dropped."""
+    if spc < 2:
+        raise UserError(f"--spc {spc}: need at least 2 images per class (1 train + 1 validation)")
+    if not 0 < val_ratio < 1:
+        raise UserError(f"--val-ratio {val_ratio}: must be between 0 and 1")
+    n_val = val_per_class(spc, val_ratio)
+    if n_val >= spc:
+        raise UserError(f"--val-ratio {val_ratio}: leaves no training image at --spc {spc}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in range(num_classes):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < spc:
+            name = f" ({class_names[c]})" if class_names else ""
+            raise UserError(f"--spc {spc}: class {c}{name} has only {len(rows)} images in {flag_source}; "
+                            f"lower --spc to at most {len(rows)}")
+        pick = rng.permutation(rows)[:spc]
+        train += pick[: spc - n_val].tolist()
+        val += pick[spc - n_val:].tolist()
+    return train, val
+
+
+def decode(split, rows: list[int], image_column: str, label_column: str,
+           to_pixels: Callable[[list[Image.Image]], np.ndarray], chunk: int = 512) -> PixelSet:
+    """Decode rows through the model's own preprocessing, once; every later step works on these tensors."""
+    sub = split.select(rows) if rows is not None else split
+    pixels, labels = [], []
+    for start in range(0, len(sub), chunk):
+        batch = sub[start:start + chunk]
+        pixels.append(to_pixels(batch[image_column]))
+        labels.extend(int(y) for y in batch[label_column])
+    h_w = to_pixels([Image.new("RGB", (8, 8))]).shape[1:]
+    stacked = np.concatenate(pixels) if pixels else np.zeros((0, *h_w), np.uint8)
+    return PixelSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.long))
+
+
+def eval_rows(n: int, exclude: set[int], limit: int | None, seed: int) -> list[int]:
+    rows = [i for i in range(n) if i not in exclude]
+    if limit is not None and limit < len(rows):
+        rng = np.random.default_rng(seed + 1)
+        rows = sorted(rng.choice(rows, size=limit, replace=False).tolist())
+    return rows

@@ -1,0 +1,154 @@
+"""The offline demo, and the builders the tests reuse: a real BadNets backdoor planted in small CNNs trained
+on real images that ship inside scikit-learn (the 8x8 digits, upscaled to 32x32), saved in Hub layouts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from .hub import Classifier
+from .triggers import TriggerSpec, make_trigger
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def digits(size: int = 32, seed: int = 0, test_fraction: float = 0.2) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's digits as uint8 RGB (N, size, size, 3), split per class into train / test."""
+    from sklearn.datasets import load_digits
+    raw = load_digits()
+    imgs = (raw.images / 16.0 * 255).clip(0, 255).astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in imgs])
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(rgb), bool)
+    for c in range(10):
+        rows = rng.permutation(np.flatnonzero(raw.target == c))
+        test[rows[: int(round(len(rows) * test_fraction))]] = True
+    y = raw.target.astype(np.int64)
+    return {"train": (rgb[~test], y[~test]), "test": (rgb[test], y[test])}
+
+
+def write_hub_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
+                      image_column: str = "image", label_column: str = "label") -> Path:
+    """A dataset folder in Hub layout (data/<split>-00000-of-00001.parquet + README configs), as the Hub stores it."""
+    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+    folder = Path(folder)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    features = Features({image_column: ImageFeature(), label_column: ClassLabel(names=class_names)})
+    for name, (x, y) in splits.items():
+        ds = Dataset.from_dict({image_column: [Image.fromarray(im) for im in x], label_column: y.tolist()}, features=features)
+        ds.to_parquet(str(folder / "data" / f"{name}-00000-of-00001.parquet"))
+    files = "\n".join(f"  - split: {s}\n    path: data/{s}-*" for s in splits)
+    (folder / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{files}\n---\n")
+    return folder
+
+
+def poison(x: np.ndarray, y: np.ndarray, rate: float, target: int, stamp: Callable, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """All-to-one poisoning: a seeded `rate` share of the training set gets the trigger and the target label."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(x), size=int(round(rate * len(x))), replace=False)
+    x, y = x.copy(), y.copy()
+    chw = torch.from_numpy(x[rows]).permute(0, 3, 1, 2)
+    x[rows] = stamp(chw).permute(0, 2, 3, 1).numpy()
+    y[rows] = target
+    return x, y
+
+
+def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 0.05,
+                     batch_size: int = 64, seed: int = 0) -> nn.Module:
+    """Plain SGD + cosine on uint8 HWC images (the Classifier wrapper normalises)."""
+    torch.manual_seed(seed)
+    xs = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    ys = torch.from_numpy(y)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps = epochs * ((len(ys) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(ys), generator=gen)
+        for s in range(0, len(ys), batch_size):
+            idx = order[s:s + batch_size]
+            if len(idx) < 2:
+                continue
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xs[idx]), ys[idx]).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def timm_digits_model(channels=(16, 32, 64, 128), size: int = 32, seed: int = 0) -> Classifier:
+    """A narrow timm ResNet-18 whose pretrained_cfg says what it was trained at (32x32, mean/std 0.5)."""
+    import timm
+    torch.manual_seed(seed)
+    net = timm.create_model("resnet18", num_classes=10, channels=channels, stem_width=channels[0],
+                            pretrained_cfg_overlay=dict(input_size=(3, size, size), crop_pct=1.0, mean=MEAN, std=STD,
+                                                        interpolation="bilinear", num_classes=10, label_names=DIGIT_NAMES))
+    return Classifier(net, "timm", 1 / 255, MEAN, STD)
+
+
+def save_timm(model: Classifier, folder: Path, channels) -> Path:
+    """The layout `timm.models.push_to_hf_hub` uploads: config.json + model.safetensors."""
+    import timm.models
+    timm.models.save_for_hf(model.net, str(folder), model_config={"label_names": DIGIT_NAMES},
+                            model_args={"channels": list(channels), "stem_width": channels[0]}, safe_serialization=True)
+    return Path(folder)
+
+
+def transformers_digits_model(size: int = 32, seed: int = 0):
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+    torch.manual_seed(seed)
+    cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
+                       num_labels=10, id2label=dict(enumerate(DIGIT_NAMES)),
+                       label2id={n: i for i, n in enumerate(DIGIT_NAMES)}, downsample_in_first_stage=False)
+    processor = ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=1.0, image_mean=list(MEAN),
+                                       image_std=list(STD), resample=Image.BILINEAR)
+    return Classifier(ResNetForImageClassification(cfg), "transformers", 1 / 255, MEAN, STD), processor
+
+
+def save_transformers(model: Classifier, processor, folder: Path) -> Path:
+    model.net.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 12, target: int = 0,
+                            poison_rate: float = 0.1, seed: int = 0) -> dict:
+    """Plant a BadNets backdoor in a digits classifier; write model/ and data/ in Hub layout under folder."""
+    folder = Path(folder)
+    splits = digits(seed=seed)
+    x, y = splits["train"]
+    stamp = make_trigger(TriggerSpec("badnet"), (32, 32))
+    px, py = poison(x, y, poison_rate, target, stamp, seed)
+    if library == "timm":
+        channels = (16, 32, 64, 128)
+        model = train_classifier(timm_digits_model(channels, seed=seed), px, py, epochs, seed=seed)
+        save_timm(model, folder / "model", channels)
+    else:
+        model, processor = transformers_digits_model(seed=seed)
+        model = train_classifier(model, px, py, epochs, seed=seed)
+        save_transformers(model, processor, folder / "model")
+    write_hub_dataset(folder / "data", splits, DIGIT_NAMES)
+    return {"model": folder / "model", "data": folder / "data", "target": target}
+
+
+def run_demo(workdir: Path = Path("hf-gradprune-demo"), progress=None, seed: int = 0, quiet: bool = False) -> "JobResult":
+    """Plant a backdoor, then remove it with the main job, all offline."""
+    from .pipeline import JobConfig, run
+    t0 = time.perf_counter()
+    built = build_backdoored_digits(Path(workdir), seed=seed)
+    train_s = time.perf_counter() - t0
+    cfg = JobConfig(model=str(built["model"]), data=str(built["data"]), output=str(Path(workdir) / "digits-resnet18-gradprune"),
+                    overwrite=True, seed=seed, command=f"hf-gradprune {built['model']} --data {built['data']} --trigger badnet")
+    result = run(cfg, progress)
+    result.report["timing_s"]["demo_build"] = train_s
+    return result

@@ -1,0 +1,293 @@
+"""The one flow behind the CLI, the Space and the benchmarks:
+load -> sample few-shot -> stamp trigger -> measure -> prune -> fine-tune -> measure -> save.
+
+Progress reaches the caller through a callback; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .card import render_card
+from .data import FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
+from .errors import UserError
+from .finetune import TuneConfig, finetune
+from .hub import LoadedModel, load_model, save_model, source_card_license
+from .metrics import attack_metrics, pick_target, predict
+from .plot import plot_rounds
+from .prune import FilterPruner, PruneConfig, PruneRound, gradient_prune
+from .triggers import TriggerSpec, make_trigger
+
+REPORT_FILE = "gradprune_report.json"
+PLOT_FILE = "gradprune_rounds.png"
+
+
+@dataclass
+class JobConfig:
+    model: str
+    data: str
+    output: str | None = None  # default ./<model-name>-gradprune
+    revision: str | None = None
+    data_revision: str | None = None
+    split: str = "train"  # few-shot pool
+    eval_split: str | None = None  # None: "test" if the dataset has it, else the pool minus the few-shot draw
+    image_column: str | None = None
+    label_column: str | None = None
+    spc: int = 10  # images per class, train + val
+    val_ratio: float = 0.1
+    seed: int = 0
+    eval_limit: int | None = None
+    trigger: TriggerSpec = field(default_factory=TriggerSpec)
+    backdoor_data: str | None = None  # the defender's own triggered copies, row-aligned with --data
+    target: str = "auto"
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    batch_size: int = 256
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    device: str | None = None  # default: accelerate's choice (GPU when there is one)
+    repo_id: str | None = None  # where the card says the model lives, when it is pushed
+    command: str | None = None  # the command as typed, token removed, for the card
+
+
+@dataclass
+class ProgressEvent:
+    stage: str  # load | data | prune | finetune | evaluate | save | done
+    step: int = 0
+    total: int | None = None
+    message: str = ""
+    values: dict = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class JobResult:
+    output_dir: Path
+    report: dict
+
+
+def output_dir_for(cfg: JobConfig) -> Path:
+    return Path(cfg.output) if cfg.output else Path(f"./{Path(cfg.model.rstrip('/')).name}-gradprune")
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"--output {out}: already exists and is not empty; pass --overwrite or choose another folder")
+
+
+def _device(cfg: JobConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    from accelerate import PartialState
+    return PartialState().device
+
+
+def _resolve_target(spec: str, loaded: LoadedModel, class_names: list[str] | None) -> int | None:
+    if spec == "auto":
+        return None
+    if spec.lstrip("-").isdigit():
+        idx = int(spec)
+    else:
+        names = class_names or loaded.label_names or []
+        matches = [i for i, n in enumerate(names) if str(n).lower() == spec.lower()]
+        if not matches:
+            raise UserError(f"--target {spec}: no class of that name; give an index 0..{loaded.num_classes - 1} or one of "
+                            f"{names[:10]}{'...' if len(names) > 10 else ''}")
+        idx = matches[0]
+    if not 0 <= idx < loaded.num_classes:
+        raise UserError(f"--target {spec}: out of range; the model has classes 0..{loaded.num_classes - 1}")
+    return idx
+
+
+def _load_data(cfg: JobConfig, loaded: LoadedModel) -> tuple[FewShot, dict]:
+    splits = load_splits(cfg.data, cfg.data_revision)
+    if cfg.split not in splits:
+        raise UserError(f"--split {cfg.split}: not in {cfg.data} (splits: {list(splits)})")
+    pool = splits[cfg.split]
+    image_col, label_col = find_columns(pool.features, cfg.data, cfg.image_column, cfg.label_column)
+    feature = pool.features[label_col]
+    class_names = list(feature.names) if hasattr(feature, "names") else None
+    import numpy as np
+    labels = np.asarray(pool[label_col], dtype=np.int64)
+    check_classes(class_names, labels, loaded.label_names, loaded.num_classes, cfg.data, cfg.model)
+    train_idx, val_idx = draw_few_shot(labels, loaded.num_classes, cfg.spc, cfg.val_ratio, cfg.seed, class_names,
+                                       f"split '{cfg.split}'")
+    if cfg.eval_split is not None and cfg.eval_split not in splits:
+        raise UserError(f"--eval-split {cfg.eval_split}: not in {cfg.data} (splits: {list(splits)})")
+    eval_name = cfg.eval_split or ("test" if "test" in splits and cfg.split != "test" else None)
+    if eval_name is None or eval_name == cfg.split:
+        test_split, exclude, eval_name = pool, set(train_idx) | set(val_idx), f"{cfg.split} minus the few-shot draw"
+    else:
+        test_split, exclude = splits[eval_name], set()
+        find_columns(test_split.features, cfg.data, image_col, label_col)
+    if cfg.eval_limit is not None and cfg.eval_limit < 1:
+        raise UserError(f"--eval-limit {cfg.eval_limit}: must be at least 1")
+    test_idx = eval_rows(len(test_split), exclude, cfg.eval_limit, cfg.seed)
+    data = FewShot(decode(pool, train_idx, image_col, label_col, loaded.to_pixels),
+                   decode(pool, val_idx, image_col, label_col, loaded.to_pixels),
+                   decode(test_split, test_idx, image_col, label_col, loaded.to_pixels),
+                   train_idx, val_idx, test_idx, class_names, eval_name)
+    meta = {"dataset": cfg.data, "split": cfg.split, "test_split": eval_name, "image_column": image_col,
+            "label_column": label_col, "class_names": class_names}
+    return data, meta
+
+
+def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: dict) -> tuple[PixelSet, PixelSet, PixelSet, str]:
+    """The triggered twins of the train / val / test images, with their TRUE labels."""
+    if cfg.backdoor_data:
+        splits = load_splits(cfg.backdoor_data)
+        out = []
+        for name, rows, clean in ((cfg.split, data.train_idx, data.train), (cfg.split, data.val_idx, data.val),
+                                  (meta["test_split"], data.test_idx, data.test)):
+            split_name = cfg.split if name.endswith("minus the few-shot draw") else name
+            if split_name not in splits:
+                raise UserError(f"--backdoor-data {cfg.backdoor_data}: no split '{split_name}'; it must hold triggered "
+                                f"copies of every row of --data, in the same splits and order")
+            split = splits[split_name]
+            img_col, lab_col = find_columns(split.features, cfg.backdoor_data, None, None)
+            if max(rows, default=-1) >= len(split):
+                raise UserError(f"--backdoor-data {cfg.backdoor_data}: split '{split_name}' has {len(split)} rows, fewer than "
+                                "--data; it must be row-aligned with --data")
+            twin = decode(split, rows, img_col, lab_col, loaded.to_pixels)
+            if not torch.equal(twin.labels, clean.labels):
+                raise UserError(f"--backdoor-data {cfg.backdoor_data}: labels differ from --data in split '{split_name}'; "
+                                "rows must be triggered copies of the same images with their true labels")
+            out.append(twin)
+        return out[0], out[1], out[2], f"defender's triggered copies from {cfg.backdoor_data}"
+    stamp = make_trigger(cfg.trigger, loaded.input_size)
+    out = [PixelSet(stamp(s.pixels), s.labels) for s in (data.train, data.val, data.test)]
+    return out[0], out[1], out[2], cfg.trigger.describe()
+
+
+def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
+    """Remove the backdoor from cfg.model and write the sanitised model, card, report and plot to the output."""
+    emit = progress or (lambda event: None)
+    out = output_dir_for(cfg)
+    _check_output(out, cfg.overwrite)
+    torch.manual_seed(cfg.seed)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    emit(ProgressEvent("load", message=f"loading {cfg.model}"))
+    loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
+    model = loaded.model
+    if not any(isinstance(m, torch.nn.Conv2d) for m in loaded.net.modules()):
+        raise UserError(f"MODEL {cfg.model}: has no Conv2d layers; gradient pruning scores conv filters, so it needs a CNN")
+    emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data}"))
+    data, meta = _load_data(cfg, loaded)
+    trig_train, trig_val, trig_test, trigger_desc = _triggered_copies(cfg, loaded, data, meta)
+    if torch.equal(trig_train.pixels, data.train.pixels):
+        raise UserError("the trigger changes no pixel of the few-shot images at the model's input size "
+                        f"{loaded.input_size}; check --trigger-image / --trigger-mask (an additive trigger is in pixel units)")
+    target = _resolve_target(cfg.target, loaded, data.class_names)
+
+    device = _device(cfg)
+    model.to(device)
+    tensors = {k: v.to(device) for k, v in {
+        "train": data.train.pixels, "train_y": data.train.labels, "trig_train": trig_train.pixels,
+        "val": data.val.pixels, "val_y": data.val.labels, "trig_val": trig_val.pixels,
+        "test": data.test.pixels, "test_y": data.test.labels, "trig_test": trig_test.pixels}.items()}
+    target_auto = target is None
+    if target_auto:
+        few_shot = torch.cat([tensors["trig_train"], tensors["trig_val"]])
+        target = pick_target(predict(model, few_shot, cfg.batch_size), torch.cat([tensors["train_y"], tensors["val_y"]]),
+                             loaded.num_classes)
+    timing["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    emit(ProgressEvent("evaluate", message="measuring the model before the defence"))
+    before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size)
+    timing["evaluate_before"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pruner = FilterPruner(model, loaded.net, tensors["train"][:1])
+    emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {pruner.num_filters} filters"))
+
+    def on_round(r: PruneRound) -> None:
+        emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer}[{r.filter}]",
+                           values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss, "val_asr": r.val_asr}))
+    pruned = gradient_prune(model, pruner, tensors["trig_train"], tensors["train_y"], tensors["val"], tensors["trig_val"],
+                            tensors["val_y"], cfg.prune, target, cfg.batch_size, on_round)
+    timing["prune"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    emit(ProgressEvent("finetune", total=cfg.tune.max_epochs, message="fine-tuning on clean + triggered images"))
+    tuned = finetune(model, torch.cat([tensors["train"], tensors["trig_train"]]),
+                     torch.cat([tensors["train_y"], tensors["train_y"]]), tensors["val"], tensors["val_y"], cfg.tune,
+                     pruner, cfg.seed,
+                     lambda e, loss: emit(ProgressEvent("finetune", step=e, total=cfg.tune.max_epochs,
+                                                        values={"val_loss": loss})))
+    timing["finetune"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    emit(ProgressEvent("evaluate", message="measuring the sanitised model"))
+    after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size)
+    timing["evaluate_after"] = time.perf_counter() - t
+
+    names = data.class_names or loaded.label_names
+    report = {
+        "tool": {"name": "hf-gradprune", "version": __version__, "method": "gradprune"},
+        "source": {"model": cfg.model, "revision": loaded.revision, "library": loaded.library,
+                   "preprocessing": loaded.preprocessing},
+        "data": {**meta, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+                 "input_size": list(loaded.input_size), "train_rows": data.train_idx, "val_rows": data.val_idx},
+        "trigger": trigger_desc,
+        "target": {"index": target, "name": names[target] if names else None, "auto": target_auto},
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "pruned": pruned.pruned,
+        "rounds": pruned.kept_rounds,
+        "finetune_epochs": tuned.epochs,
+        "total_filters": pruner.num_filters,
+        "prune": pruned.to_dict(),
+        "finetune": asdict(tuned),
+        "config": _config_dict(cfg),
+        "command": cfg.command or f"hf-gradprune {cfg.model} --data {cfg.data}",
+        "timing_s": timing,
+    }
+    if cfg.repo_id:
+        report["push"] = {"repo_id": cfg.repo_id}
+    emit(ProgressEvent("save", message=f"writing {out}"))
+    _write_output(out, cfg.overwrite, loaded, pruned, report)
+    report["timing_s"]["total"] = time.perf_counter() - t0
+    emit(ProgressEvent("done", values={"before": report["before"], "after": report["after"], "target": target}))
+    return JobResult(out, report)
+
+
+def _config_dict(cfg: JobConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("command", None)
+    return d
+
+
+def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, pruned, report: dict) -> None:
+    """Everything goes to a temporary sibling first and is renamed into place at the end: nothing half written."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        files = save_model(loaded, tmp)
+        plot_rounds(pruned, report["config"]["prune"]["alpha"], tmp / PLOT_FILE)
+        report["files"] = sorted(files + [PLOT_FILE, REPORT_FILE, "README.md"])
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        render_card(report, PLOT_FILE, source_card_license(loaded)).save(tmp / "README.md")
+        if out.exists():
+            _check_output(out, overwrite)
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,238 @@
+"""Gradient-based filter pruning (Dunnett et al., 2024).
+
+Each round: the unlearning loss (cross-entropy of the TRIGGERED training images against their TRUE labels)
+is back-propagated, every conv filter gets the mean |dL/dW| over its weights, and the single
+highest-scoring filter is pruned. Pruning only ever zeroes parameters, so the best round is rebuilt by
+undoing the later rounds from the saved slices: no model copies in the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class PruneConfig:
+    alpha: float = 0.10  # stop when val accuracy drops by more than this (absolute fraction)
+    patience: int = 10  # Pp: stop after this many rounds without a strictly lower val unlearning loss
+    max_rounds: int = 500
+
+
+@dataclass
+class PruneRound:
+    round: int
+    layer: str
+    filter: int
+    score: float
+    val_acc: float
+    val_unlearning_loss: float
+    val_asr: float | None
+
+
+@dataclass
+class PruneResult:
+    kept_rounds: int  # the best round by val unlearning loss within alpha; filters pruned up to it stay pruned
+    stop_reason: str
+    base_val_acc: float
+    base_val_unlearning_loss: float
+    base_val_asr: float | None
+    rounds: list[PruneRound] = field(default_factory=list)  # every round tried, also those undone
+
+    @property
+    def pruned(self) -> list[dict]:
+        return [{"layer": r.layer, "filter": r.filter, "score": r.score} for r in self.rounds[: self.kept_rounds]]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["pruned"] = self.pruned
+        return d
+
+
+def conv_layers(net: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """Every Conv2d: stem, shortcuts, depthwise and grouped convs alike."""
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def norms_fed_by_convs(model: nn.Module, net: nn.Module, example: torch.Tensor) -> dict[str, list[nn.Module]]:
+    """Trace one forward pass: which norm layers take a conv's output tensor directly as their input.
+
+    Following tensors (not module order) pairs each norm with the conv that really feeds it."""
+    produced: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # keep outputs alive so ids stay unique during the pass
+    pairs: dict[str, list[nn.Module]] = {}
+    handles = []
+    out_channels = {name: m.out_channels for name, m in conv_layers(net)}
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def conv_hook(mod, inp, out, name=name):
+                produced[id(out)] = name
+                alive.append(out)
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, _NORMS) and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+            def norm_hook(mod, inp):
+                src = produced.get(id(inp[0])) if inp else None
+                if src is not None and mod.weight.numel() == out_channels[src] \
+                        and mod not in pairs.setdefault(src, []):
+                    pairs[src].append(mod)
+            handles.append(m.register_forward_pre_hook(norm_hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return pairs
+
+
+class FilterPruner:
+    """Makes a conv output channel truly inactive: zero filter and bias, and zero the affine weight and bias
+    of the norm layer it feeds, so that channel leaves the norm as 0 rather than a constant."""
+
+    def __init__(self, model: nn.Module, net: nn.Module, example: torch.Tensor):
+        self.convs = conv_layers(net)
+        self.norms = norms_fed_by_convs(model, net, example)
+        self.offsets = [0]
+        for _, conv in self.convs:
+            self.offsets.append(self.offsets[-1] + conv.out_channels)
+        self.pruned: list[tuple[int, int]] = []  # (conv index, filter) in pruning order
+        self._saved: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    @property
+    def num_filters(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, flat: int) -> tuple[int, int]:
+        for i in range(len(self.convs)):
+            if flat < self.offsets[i + 1]:
+                return i, flat - self.offsets[i]
+        raise IndexError(flat)
+
+    def _slices(self, conv_idx: int, f: int) -> list[torch.Tensor]:
+        name, conv = self.convs[conv_idx]
+        params = [conv.weight, conv.bias] + [p for n in self.norms.get(name, []) for p in (n.weight, n.bias)]
+        return [p.data[f] for p in params if p is not None]
+
+    @torch.no_grad()
+    def prune(self, conv_idx: int, f: int) -> None:
+        slices = self._slices(conv_idx, f)
+        self._saved.append([(s, s.clone()) for s in slices])
+        for s in slices:
+            s.zero_()
+        self.pruned.append((conv_idx, f))
+
+    @torch.no_grad()
+    def undo_last(self) -> None:
+        for view, original in self._saved.pop():
+            view.copy_(original)
+        self.pruned.pop()
+
+    @torch.no_grad()
+    def reapply(self) -> None:
+        """Keep pruned channels at zero after an optimizer step (fine-tuning must not revive them)."""
+        for conv_idx, f in self.pruned:
+            for s in self._slices(conv_idx, f):
+                s.zero_()
+
+    def pruned_mask(self, device) -> torch.Tensor:
+        mask = torch.zeros(self.num_filters, dtype=torch.bool, device=device)
+        for conv_idx, f in self.pruned:
+            mask[self.offsets[conv_idx] + f] = True
+        return mask
+
+
+def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggered: torch.Tensor,
+                  labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Paper Eq. 3: mean |d unlearning_loss / d W_l[i]| over each filter's weights, all layers concatenated.
+
+    The loss is summed over the whole training split; the model stays in eval mode (no BN updates) and only
+    conv weights take gradients."""
+    conv_weights = {id(c.weight) for _, c in convs}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in conv_weights)
+    model.eval()
+    for _, c in convs:
+        c.weight.grad = None
+    try:
+        for start in range(0, len(labels), batch_size):
+            logits = model(triggered[start:start + batch_size])
+            F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum").backward()
+        return torch.cat([c.weight.grad.abs().flatten(1).mean(1) for _, c in convs])
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for _, c in convs:
+            c.weight.grad = None
+
+
+@torch.no_grad()
+def val_stats(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor,
+              target: int | None, batch_size: int) -> tuple[int, float, float | None]:
+    """Correct clean predictions, mean unlearning loss on triggered images, ASR on triggered non-target images.
+
+    One host synchronisation: everything is summed on the device and read back together."""
+    model.eval()
+    correct = torch.zeros((), device=labels.device)
+    loss = torch.zeros((), device=labels.device)
+    hits = torch.zeros((), device=labels.device)
+    for start in range(0, len(labels), batch_size):
+        y = labels[start:start + batch_size]
+        both = model(torch.cat([clean[start:start + batch_size], triggered[start:start + batch_size]]))
+        c_logits, t_logits = both[: len(y)], both[len(y):]
+        correct += (c_logits.argmax(1) == y).sum()
+        loss += F.cross_entropy(t_logits, y, reduction="sum")
+        if target is not None:
+            hits += ((t_logits.argmax(1) == target) & (y != target)).sum()
+    correct, loss, hits = torch.stack([correct, loss, hits]).tolist()
+    n_non_target = int((labels != target).sum()) if target is not None else 0
+    asr = hits / n_non_target if n_non_target else None
+    return int(correct), loss / max(1, len(labels)), asr
+
+
+def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torch.Tensor, train_labels: torch.Tensor,
+                   val_clean: torch.Tensor, val_triggered: torch.Tensor, val_labels: torch.Tensor,
+                   cfg: PruneConfig, target: int | None, batch_size: int,
+                   on_round: Callable[[PruneRound], None] | None = None) -> PruneResult:
+    """Prune round after round until val accuracy drops by more than alpha or the val unlearning loss has not
+    strictly improved for Pp rounds; then keep the best round by val unlearning loss within alpha."""
+    n_val = len(val_labels)
+    allowed_misses = Fraction(str(cfg.alpha)) * n_val  # compare counts, not floats: 0.1 * 10 val images = 1 miss
+    base_correct, base_loss, base_asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size)
+    result = PruneResult(0, "max_rounds", base_correct / n_val, base_loss, base_asr)
+    best_loss, since_best = base_loss, 0
+    for r in range(1, cfg.max_rounds + 1):
+        scores = filter_scores(model, pruner.convs, train_triggered, train_labels, batch_size)
+        scores = scores.masked_fill(pruner.pruned_mask(scores.device), float("-inf"))
+        flat = int(scores.argmax())
+        score = float(scores[flat])
+        if score == float("-inf"):
+            result.stop_reason = "no_filters_left"
+            break
+        conv_idx, f = pruner.locate(flat)
+        pruner.prune(conv_idx, f)
+        correct, loss, asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size)
+        rnd = PruneRound(r, pruner.convs[conv_idx][0], f, score, correct / n_val, loss, asr)
+        result.rounds.append(rnd)
+        if on_round:
+            on_round(rnd)
+        if base_correct - correct > allowed_misses:
+            result.stop_reason = "accuracy"
+            break
+        if loss < best_loss:
+            best_loss, since_best, result.kept_rounds = loss, 0, r
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                result.stop_reason = "patience"
+                break
+    while len(pruner.pruned) > result.kept_rounds:
+        pruner.undo_last()
+    return result

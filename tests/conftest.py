@@ -1,0 +1,46 @@
+"""Tests run offline: tiny backdoored models are built here, saved in exact Hub layouts, and loaded through
+the same code path a Hub id takes."""
+
+import os
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="hf-gradprune-test-home-")
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+                  GRADIO_ANALYTICS_ENABLED="False", HF_HOME=_HOME, HF_DATASETS_CACHE=os.path.join(_HOME, "datasets"))
+os.environ.pop("HF_TOKEN", None)
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from hf_gradprune.cli import main  # noqa: E402
+from hf_gradprune.demo import build_backdoored_digits  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def timm_backdoor(tmp_path_factory):
+    """A narrow timm ResNet-18 with a real BadNets backdoor (target 0) + a digits dataset, in Hub layout."""
+    return build_backdoored_digits(tmp_path_factory.mktemp("timm"), library="timm", epochs=10)
+
+
+@pytest.fixture(scope="session")
+def hf_backdoor(tmp_path_factory):
+    """A small transformers ResNetForImageClassification with the same backdoor."""
+    return build_backdoored_digits(tmp_path_factory.mktemp("hf"), library="transformers", epochs=15)
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def read_report(out: Path) -> dict:
+    return json.loads((Path(out) / "gradprune_report.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def timm_result(timm_backdoor, tmp_path_factory):
+    out = tmp_path_factory.mktemp("timm-out") / "sanitised"
+    code = run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet")
+    assert code == 0
+    return out, read_report(out)
