@@ -135,6 +135,11 @@ def load_model(source: str, revision: str | None = None, allow_pickle: bool = Fa
     return loader(local, cfg, source, resolved, allow_pickle, trust_remote_code)
 
 
+def require_convs(net: nn.Module, source: str) -> None:
+    if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
+        raise UserError(f"MODEL {source}: has no Conv2d layers; gradient pruning scores conv filters, so it needs a CNN")
+
+
 def _load_timm(local, cfg, source, revision, allow_pickle, trust_remote_code) -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
@@ -143,6 +148,7 @@ def _load_timm(local, cfg, source, revision, allow_pickle, trust_remote_code) ->
     except RuntimeError as e:
         raise UserError(f"MODEL {source}: timm cannot build architecture {cfg.get('architecture')!r} ({e}); "
                         "upgrade timm or check config.json") from None
+    require_convs(net, source)
     state = _read_state_dict(local, source, allow_pickle)
     try:
         net.load_state_dict(state, strict=True)
@@ -186,6 +192,7 @@ def _load_transformers(local, cfg, source, revision, allow_pickle, trust_remote_
     except ValueError as e:
         raise UserError(f"MODEL {source}: transformers cannot load it as an image classifier "
                         f"({str(e).splitlines()[0][:200]})") from None
+    require_convs(net, source)
     try:
         processor = AutoImageProcessor.from_pretrained(local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -194,6 +201,9 @@ def _load_transformers(local, cfg, source, revision, allow_pickle, trust_remote_
 
     def to_pixels(images: list[Image.Image]) -> np.ndarray:
         out = processor([img.convert("RGB") for img in images], do_rescale=False, do_normalize=False, return_tensors="np")
+        if "pixel_values" not in out:
+            raise UserError(f"MODEL {source}: its image processor gives {list(out)}, not pixel_values; "
+                            "only pixel-input image classifiers are supported")
         return np.clip(np.round(np.asarray(out["pixel_values"], dtype=np.float32)), 0, 255).astype(np.uint8)
 
     scale = processor.rescale_factor if getattr(processor, "do_rescale", True) else 1.0

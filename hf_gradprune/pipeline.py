@@ -183,8 +183,6 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     emit(ProgressEvent("load", message=f"loading {cfg.model}"))
     loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
     model = loaded.model
-    if not any(isinstance(m, torch.nn.Conv2d) for m in loaded.net.modules()):
-        raise UserError(f"MODEL {cfg.model}: has no Conv2d layers; gradient pruning scores conv filters, so it needs a CNN")
     emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data}"))
     data, meta = _load_data(cfg, loaded)
     trig_train, trig_val, trig_test, trigger_desc = _triggered_copies(cfg, loaded, data, meta)

@@ -197,6 +197,12 @@ def val_stats(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, la
     return int(correct), loss / max(1, len(labels)), asr
 
 
+def accuracy_dropped(base_correct: int, correct: int, n_val: int, alpha: float) -> bool:
+    """True when val accuracy fell by more than alpha, compared in image counts so that 0.1 * 10 is exactly one
+    tolerated miss (floats would make 0.1 * 30 = 3.0000000000000004)."""
+    return base_correct - correct > Fraction(str(alpha)) * n_val
+
+
 def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torch.Tensor, train_labels: torch.Tensor,
                    val_clean: torch.Tensor, val_triggered: torch.Tensor, val_labels: torch.Tensor,
                    cfg: PruneConfig, target: int | None, batch_size: int,
@@ -204,7 +210,6 @@ def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torc
     """Prune round after round until val accuracy drops by more than alpha or the val unlearning loss has not
     strictly improved for Pp rounds; then keep the best round by val unlearning loss within alpha."""
     n_val = len(val_labels)
-    allowed_misses = Fraction(str(cfg.alpha)) * n_val  # compare counts, not floats: 0.1 * 10 val images = 1 miss
     base_correct, base_loss, base_asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size)
     result = PruneResult(0, "max_rounds", base_correct / n_val, base_loss, base_asr)
     best_loss, since_best = base_loss, 0
@@ -223,7 +228,7 @@ def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torc
         result.rounds.append(rnd)
         if on_round:
             on_round(rnd)
-        if base_correct - correct > allowed_misses:
+        if accuracy_dropped(base_correct, correct, n_val, cfg.alpha):
             result.stop_reason = "accuracy"
             break
         if loss < best_loss:
