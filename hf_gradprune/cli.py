@@ -81,6 +81,7 @@ def _push_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id")
     p.add_argument("--private", action="store_true")
     p.add_argument("--create-pr", action="store_true")
+    p.add_argument("--revision", help="branch or PR ref (refs/pr/N) to commit to, e.g. to retry into an opened PR")
     p.add_argument("--token")
     return p
 
@@ -156,21 +157,30 @@ def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _retry_command(out: Path, repo_id: str, private: bool, create_pr: bool) -> str:
-    args = ["hf-gradprune", "push", str(out), "--repo-id", repo_id] + (["--private"] if private else []) + \
-        (["--create-pr"] if create_pr else [])
+def _retry_command(out: Path, repo_id: str, private: bool, create_pr: bool, revision: str | None) -> str:
+    args = ["hf-gradprune", "push", str(out), "--repo-id", repo_id] + (["--private"] if private else [])
+    if revision:  # a PR already opened: retry into it rather than opening another
+        args += ["--revision", revision]
+    elif create_pr:
+        args += ["--create-pr"]
     return shlex.join(args)
 
 
-def _push(out: Path, repo_id: str, token: str | None, private: bool, create_pr: bool) -> int:
-    from .hub import push_folder
+def _push(out: Path, repo_id: str, token: str | None, private: bool, create_pr: bool, revision: str | None = None) -> int:
+    from .hub import PushFailed, push_folder
     try:
-        url = push_folder(out, repo_id, token=token, private=private, create_pr=create_pr)
-    except Exception as e:  # network, auth, permissions: whatever it is, the local folder stays
+        url = push_folder(out, repo_id, token=token, private=private, create_pr=create_pr, revision=revision)
+    except PushFailed as failed:  # network, auth, permissions: whatever it is, the local folder stays
+        e = failed.cause
         reason = _scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, token)[:300]
         print(f"hf-gradprune: error: upload to {repo_id} failed ({type(e).__name__}: {reason}); the sanitised model is "
-              f"intact in {out}; retry with: {_retry_command(out, repo_id, private, create_pr)}", file=sys.stderr)
+              f"intact in {out}; retry with: {_retry_command(out, repo_id, private, create_pr, failed.revision)}",
+              file=sys.stderr)
         return EXIT_PUSH
+    except KeyboardInterrupt:
+        print(f"hf-gradprune: upload interrupted; the sanitised model is intact in {out}; retry with: "
+              f"{_retry_command(out, repo_id, private, create_pr, revision)}", file=sys.stderr)
+        return 130
     print(f"pushed: {url}")
     return 0
 
@@ -243,9 +253,13 @@ def push_command(argv: list[str]) -> int:
     report_file = out / "gradprune_report.json"
     if not report_file.is_file():
         raise UserError(f"push {out}: no gradprune_report.json, so not an hf-gradprune output folder")
-    source = json.loads(report_file.read_text())["source"]["model"]
-    repo_id = _resolve_repo_id(args.repo_id, Path(source.rstrip("/")).name, args.token)
-    return _push(out, repo_id, args.token, args.private, args.create_pr)
+    try:
+        source = json.loads(report_file.read_text())["source"]["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"push {out}: gradprune_report.json is not a valid hf-gradprune report ({type(e).__name__}); "
+                        "re-run the defence to write it") from None
+    repo_id = _resolve_repo_id(args.repo_id, Path(str(source).rstrip("/")).name, args.token)
+    return _push(out, repo_id, args.token, args.private, args.create_pr, args.revision)
 
 
 def demo_command(argv: list[str]) -> int:
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-gradprune: error: {e}", file=sys.stderr)
         code = EXIT_USER
     except KeyboardInterrupt:
-        print("hf-gradprune: interrupted; nothing was written to the output folder", file=sys.stderr)
+        print("hf-gradprune: interrupted before the output was complete; nothing was written to it", file=sys.stderr)
         code = 130
     return code
 

@@ -40,12 +40,17 @@ def write_hub_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarr
                       image_column: str = "image", label_column: str = "label") -> Path:
     """A dataset folder in Hub layout (data/<split>-00000-of-00001.parquet + README configs), as the Hub stores it."""
     from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    quiet_before = are_progress_bars_disabled()
+    disable_progress_bars()  # writing a few small parquet files needs no bars
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     features = Features({image_column: ImageFeature(), label_column: ClassLabel(names=class_names)})
     for name, (x, y) in splits.items():
         ds = Dataset.from_dict({image_column: [Image.fromarray(im) for im in x], label_column: y.tolist()}, features=features)
         ds.to_parquet(str(folder / "data" / f"{name}-00000-of-00001.parquet"))
+    if not quiet_before:
+        enable_progress_bars()
     files = "\n".join(f"  - split: {s}\n    path: data/{s}-*" for s in splits)
     (folder / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{files}\n---\n")
     return folder
@@ -62,9 +67,25 @@ def poison(x: np.ndarray, y: np.ndarray, rate: float, target: int, stamp: Callab
     return x, y
 
 
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation on a uint8 batch: random crop after zero padding, horizontal flip."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 0.05,
-                     batch_size: int = 64, seed: int = 0) -> nn.Module:
-    """Plain SGD + cosine on uint8 HWC images (the Classifier wrapper normalises)."""
+                     batch_size: int = 64, seed: int = 0, augment: bool = False,
+                     on_epoch: Callable[[int], None] | None = None) -> nn.Module:
+    """SGD + one-cycle schedule on uint8 HWC images (the Classifier wrapper normalises)."""
     torch.manual_seed(seed)
     xs = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     ys = torch.from_numpy(y)
@@ -73,33 +94,39 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        model.train()
         order = torch.randperm(len(ys), generator=gen)
         for s in range(0, len(ys), batch_size):
             idx = order[s:s + batch_size]
             if len(idx) < 2:
                 continue
+            batch = random_crop_flip(xs[idx], gen) if augment else xs[idx]
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xs[idx]), ys[idx]).backward()
+            F.cross_entropy(model(batch), ys[idx]).backward()
             opt.step()
             sched.step()
+        if on_epoch:
+            on_epoch(epoch + 1)
     return model.eval()
 
 
-def timm_digits_model(channels=(16, 32, 64, 128), size: int = 32, seed: int = 0) -> Classifier:
-    """A narrow timm ResNet-18 whose pretrained_cfg says what it was trained at (32x32, mean/std 0.5)."""
+def timm_resnet18(channels=(16, 32, 64, 128), label_names: list[str] = DIGIT_NAMES, size: int = 32,
+                  mean=MEAN, std=STD, seed: int = 0) -> Classifier:
+    """A (narrow) timm ResNet-18 whose pretrained_cfg says what it was trained at (input size, mean/std)."""
     import timm
     torch.manual_seed(seed)
-    net = timm.create_model("resnet18", num_classes=10, channels=channels, stem_width=channels[0],
-                            pretrained_cfg_overlay=dict(input_size=(3, size, size), crop_pct=1.0, mean=MEAN, std=STD,
-                                                        interpolation="bilinear", num_classes=10, label_names=DIGIT_NAMES))
-    return Classifier(net, "timm", 1 / 255, MEAN, STD)
+    n = len(label_names)
+    net = timm.create_model("resnet18", num_classes=n, channels=channels, stem_width=channels[0],
+                            pretrained_cfg_overlay=dict(input_size=(3, size, size), crop_pct=1.0, mean=mean, std=std,
+                                                        interpolation="bilinear", num_classes=n, label_names=label_names))
+    return Classifier(net, "timm", 1 / 255, mean, std)
 
 
-def save_timm(model: Classifier, folder: Path, channels) -> Path:
+def save_timm(model: Classifier, folder: Path, channels, label_names: list[str] = DIGIT_NAMES) -> Path:
     """The layout `timm.models.push_to_hf_hub` uploads: config.json + model.safetensors."""
     import timm.models
-    timm.models.save_for_hf(model.net, str(folder), model_config={"label_names": DIGIT_NAMES},
+    timm.models.save_for_hf(model.net, str(folder), model_config={"label_names": list(label_names)},
                             model_args={"channels": list(channels), "stem_width": channels[0]}, safe_serialization=True)
     return Path(folder)
 
@@ -131,7 +158,7 @@ def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 1
     px, py = poison(x, y, poison_rate, target, stamp, seed)
     if library == "timm":
         channels = (16, 32, 64, 128)
-        model = train_classifier(timm_digits_model(channels, seed=seed), px, py, epochs, seed=seed)
+        model = train_classifier(timm_resnet18(channels, seed=seed), px, py, epochs, seed=seed)
         save_timm(model, folder / "model", channels)
     else:
         model, processor = transformers_digits_model(seed=seed)

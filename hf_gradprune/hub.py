@@ -257,12 +257,35 @@ def default_repo_id(model_name: str, token: str | None) -> str:
     return f"{user}/{model_name}-gradprune"
 
 
+class PushFailed(Exception):
+    """An upload that did not complete; `revision` is the PR ref already opened, to retry into."""
+
+    def __init__(self, cause: BaseException, revision: str | None):
+        super().__init__(str(cause))
+        self.cause, self.revision = cause, revision
+
+
 def push_folder(folder: Path, repo_id: str, token: str | None = None, private: bool = False,
-                create_pr: bool = False, commit_message: str = "Upload model sanitised by hf-gradprune") -> str:
-    """Create the repo if needed and upload the folder as one commit; returns the commit or PR URL."""
+                create_pr: bool = False, revision: str | None = None,
+                commit_message: str = "Upload model sanitised by hf-gradprune") -> str:
+    """Create the repo if needed and upload the folder as one commit; returns the commit or PR URL.
+
+    With create_pr the PR is opened first, so a failed upload can be retried into the same PR (its ref is in
+    PushFailed.revision) instead of leaving an empty draft behind."""
     from huggingface_hub import HfApi
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                             commit_message=commit_message, create_pr=create_pr)
-    return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+    pr_url = None
+    try:
+        # private=None keeps an organisation's default visibility for new repos
+        api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        if create_pr and revision is None:
+            pr = api.create_pull_request(repo_id, title=commit_message, repo_type="model",
+                                         description="Backdoor removed with hf-gradprune; metrics in the model card.")
+            revision, pr_url = pr.git_reference, pr.url
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
+                                 commit_message=commit_message)
+    except Exception as e:
+        raise PushFailed(e, revision) from e
+    if revision and revision.startswith("refs/pr/") and pr_url is None:
+        pr_url = f"https://huggingface.co/{repo_id}/discussions/{revision.rsplit('/', 1)[-1]}"
+    return str(pr_url or getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -44,3 +44,13 @@ def timm_result(timm_backdoor, tmp_path_factory):
     code = run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet")
     assert code == 0
     return out, read_report(out)
+
+
+def publish_to_hf_cache(folder, repo_id: str, sha: str) -> None:
+    """Put a folder into the local Hub cache exactly where `snapshot_download` keeps a downloaded repo, so a Hub id
+    resolves offline through the real download code path (refs/main -> snapshots/<sha>)."""
+    import shutil
+    root = Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / sha, dirs_exist_ok=True)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(sha)
