@@ -51,22 +51,23 @@ def load_splits(data_id: str, revision: str | None = None):
     return ds
 
 
-def find_columns(features, data_id: str, image_column: str | None, label_column: str | None) -> tuple[str, str]:
-    from datasets import ClassLabel, Image as ImageFeature
+def _column(features, wanted: str | None, feature_type, kind: str, flag: str, data_id: str) -> str:
     cols = list(features)
-    if image_column is None:
-        image_column = next((c for c in cols if isinstance(features[c], ImageFeature)), None)
-        if image_column is None:
-            raise UserError(f"--data {data_id}: no Image column among {cols}; name it with --image-column")
-    elif image_column not in features:
-        raise UserError(f"--image-column {image_column}: not a column of {data_id} (columns: {cols})")
-    if label_column is None:
-        label_column = next((c for c in cols if isinstance(features[c], ClassLabel)), None)
-        if label_column is None:
-            raise UserError(f"--data {data_id}: no ClassLabel column among {cols}; name it with --label-column")
-    elif label_column not in features:
-        raise UserError(f"--label-column {label_column}: not a column of {data_id} (columns: {cols})")
-    return image_column, label_column
+    if wanted is None:
+        found = next((c for c in cols if isinstance(features[c], feature_type)), None)
+        if found is None:
+            raise UserError(f"--data {data_id}: no {kind} column among {cols}; name it with {flag}")
+        return found
+    if wanted not in features:
+        raise UserError(f"{flag} {wanted}: not a column of {data_id} (columns: {cols})")
+    return wanted
+
+
+def find_columns(features, data_id: str, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """The image and label columns: the Image and ClassLabel features unless named."""
+    from datasets import ClassLabel, Image as ImageFeature
+    return (_column(features, image_column, ImageFeature, "Image", "--image-column", data_id),
+            _column(features, label_column, ClassLabel, "ClassLabel", "--label-column", data_id))
 
 
 def _norm_name(name: str) -> str:
