@@ -94,7 +94,7 @@ def main() -> None:
             log(f"SPC {spc} seed {seed}: done in {wall:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"backdoored_model": info, "rows": rows}, indent=2))
-    print(f"| SPC | seed | ACC before | ACC after | ASR before | ASR after | RA before | RA after | rounds kept/tried | FT epochs | wall s |")
+    print("| SPC | seed | ACC before | ACC after | ASR before | ASR after | RA before | RA after | rounds kept/tried | FT epochs | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         b, a = row["before"], row["after"]

@@ -30,14 +30,14 @@ def _layer_rows(pruned: list[dict]) -> list[dict]:
 
 
 def render_card(report: dict, plot_file: str, license: str | None = None) -> ModelCard:
-    from .hub import is_hub_id
+    from .hub import is_hub_id, model_name as name_of
     source, data = report["source"]["model"], report["data"]["dataset"]
     library = report["source"]["library"]
-    model_name = f"{Path(source.rstrip('/')).name}-gradprune"
+    model_name = f"{name_of(source)}-gradprune"
     split = report["data"]["test_split"]
     results = [EvalResult(task_type="image-classification", task_name="Image Classification",
-                          dataset_type=data if is_hub_id(data) else Path(data.rstrip("/")).name,
-                          dataset_name=Path(data.rstrip("/")).name, dataset_split=split,
+                          dataset_type=data if is_hub_id(data) else name_of(data),
+                          dataset_name=name_of(data), dataset_split=split,
                           metric_type=mtype, metric_name=mname, metric_value=round(100 * report["after"][key], 2),
                           dataset_config=None)
                for key, mtype, mname in METRICS]
@@ -46,7 +46,7 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         base_model=source if is_hub_id(source) else None,
         datasets=[data] if is_hub_id(data) else None,
         tags=["backdoor-defense", "gradprune", "pruning", library], eval_results=results)
-    load = (f'import timm\nmodel = timm.create_model("hf-hub:<repo-id>", pretrained=True)' if library == "timm" else
+    load = ('import timm\nmodel = timm.create_model("hf-hub:<repo-id>", pretrained=True)' if library == "timm" else
             'from transformers import AutoImageProcessor, AutoModelForImageClassification\n'
             'model = AutoModelForImageClassification.from_pretrained("<repo-id>")\n'
             'processor = AutoImageProcessor.from_pretrained("<repo-id>")')

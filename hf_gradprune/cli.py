@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .errors import UserError
 from .finetune import TuneConfig
+from .hub import model_name
 from .prune import PruneConfig
 from .triggers import TRIGGER_KINDS, TriggerSpec
 
@@ -215,7 +216,7 @@ def main_job(argv: list[str]) -> int:
                     command=redacted_command(argv))
     _check_numbers(args)
     if args.push:  # before the long run: a missing login should not cost the user the whole defence
-        cfg.repo_id = _resolve_repo_id(args.repo_id, f"{Path(args.model.rstrip('/')).name}", args.token)
+        cfg.repo_id = _resolve_repo_id(args.repo_id, model_name(args.model), args.token)
     progress = None if args.quiet else TqdmProgress()
     try:
         result = run(cfg, progress)
@@ -258,7 +259,7 @@ def push_command(argv: list[str]) -> int:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"push {out}: gradprune_report.json is not a valid hf-gradprune report ({type(e).__name__}); "
                         "re-run the defence to write it") from None
-    repo_id = _resolve_repo_id(args.repo_id, Path(str(source).rstrip("/")).name, args.token)
+    repo_id = _resolve_repo_id(args.repo_id, model_name(str(source)), args.token)
     return _push(out, repo_id, args.token, args.private, args.create_pr, args.revision)
 
 

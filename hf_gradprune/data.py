@@ -132,8 +132,7 @@ def decode(split, rows: list[int], image_column: str, label_column: str,
         batch = sub[start:start + chunk]
         pixels.append(to_pixels(batch[image_column]))
         labels.extend(int(y) for y in batch[label_column])
-    h_w = to_pixels([Image.new("RGB", (8, 8))]).shape[1:]
-    stacked = np.concatenate(pixels) if pixels else np.zeros((0, *h_w), np.uint8)
+    stacked = np.concatenate(pixels) if pixels else to_pixels([Image.new("RGB", (8, 8))])[:0]
     return PixelSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.long))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from PIL import Image
 
 from .hub import Classifier
 from .triggers import TriggerSpec, make_trigger
+
+if TYPE_CHECKING:
+    from .pipeline import JobResult
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -60,9 +60,10 @@ class LoadedModel:
     def net(self) -> nn.Module:
         return self.model.net
 
-    @property
-    def name(self) -> str:
-        return Path(self.source.rstrip("/")).name
+
+def model_name(source: str) -> str:
+    """'org/resnet' and './models/resnet/' are both 'resnet': the name outputs and repos are called after."""
+    return Path(source.rstrip("/")).name
 
 
 def is_hub_id(source: str) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -21,7 +22,7 @@ from .card import render_card
 from .data import FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
 from .finetune import TuneConfig, finetune
-from .hub import LoadedModel, load_model, save_model, source_card_license
+from .hub import LoadedModel, load_model, model_name, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
 from .plot import plot_rounds
 from .prune import FilterPruner, PruneConfig, PruneRound, gradient_prune
@@ -79,7 +80,7 @@ class JobResult:
 
 
 def output_dir_for(cfg: JobConfig) -> Path:
-    return Path(cfg.output) if cfg.output else Path(f"./{Path(cfg.model.rstrip('/')).name}-gradprune")
+    return Path(cfg.output) if cfg.output else Path(f"./{model_name(cfg.model)}-gradprune")
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -119,7 +120,6 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel) -> tuple[FewShot, dict]:
     image_col, label_col = find_columns(pool.features, cfg.data, cfg.image_column, cfg.label_column)
     feature = pool.features[label_col]
     class_names = list(feature.names) if hasattr(feature, "names") else None
-    import numpy as np
     labels = np.asarray(pool[label_col], dtype=np.int64)
     check_classes(class_names, labels, loaded.label_names, loaded.num_classes, cfg.data, cfg.model)
     train_idx, val_idx = draw_few_shot(labels, loaded.num_classes, cfg.spc, cfg.val_ratio, cfg.seed, class_names,

@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import read_report, run_cli

@@ -5,7 +5,6 @@ The fake (tests/fake_hub.py) sits at huggingface_hub's HTTP boundary (``set_clie
 make is recorded and checked here.
 """
 
-import json
 import shlex
 import shutil
 import time
