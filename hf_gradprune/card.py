@@ -29,6 +29,15 @@ def _layer_rows(pruned: list[dict]) -> list[dict]:
     return [{"layer": k, "count": len(v), "indices": ", ".join(map(str, sorted(v)))} for k, v in per_layer.items()]
 
 
+def _score_desc(prune_cfg: dict) -> str:
+    what = {"grad": "the mean\nabsolute gradient of the unlearning loss",
+            "grad_x_weight": "the mean\nabsolute gradient x weight of the unlearning loss (variant --score grad_x_weight)"}
+    desc = what[prune_cfg.get("score", "grad")]
+    if prune_cfg.get("normalise", "none") == "layer":
+        desc += ", divided by its layer's mean (variant --score-norm layer)"
+    return desc
+
+
 def render_card(report: dict, plot_file: str, license: str | None = None) -> ModelCard:
     from .hub import is_hub_id, model_name as name_of
     source, data = report["source"]["model"], report["data"]["dataset"]
@@ -67,5 +76,5 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         spc=cfg["spc"], split=cfg["split"], n_train=report["data"]["n_train"], n_val=report["data"]["n_val"],
         seed=cfg["seed"], n_pruned=len(pruned), n_layers=len({p["layer"] for p in pruned}),
         total_filters=report["total_filters"], rounds_tried=len(prune["rounds"]), stop_reason=prune["stop_reason"],
-        alpha=cfg["prune"]["alpha"], tune_epochs=report["finetune"]["epochs"],
+        alpha=cfg["prune"]["alpha"], score_desc=_score_desc(cfg["prune"]), tune_epochs=report["finetune"]["epochs"],
         tune_best_epoch=report["finetune"]["best_epoch"], layer_rows=_layer_rows(pruned), command=report["command"])

@@ -15,7 +15,7 @@ from . import __version__
 from .errors import UserError
 from .finetune import TuneConfig
 from .hub import model_name
-from .prune import PruneConfig
+from .prune import NORMALISATIONS, SCORES, PruneConfig
 from .triggers import TRIGGER_KINDS, TriggerSpec
 
 EXIT_USER, EXIT_PUSH = 2, 3
@@ -54,6 +54,10 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="stop when val accuracy drops by more than this absolute fraction (default 0.10)")
     g.add_argument("--prune-patience", type=int, default=PruneConfig.patience, help="Pp (default 10)")
     g.add_argument("--max-rounds", type=int, default=PruneConfig.max_rounds)
+    g.add_argument("--score", choices=SCORES, default=PruneConfig.score,
+                   help="filter score: grad = mean |dL/dW| (paper, default); grad_x_weight = mean |dL/dW * W| (variant)")
+    g.add_argument("--score-norm", choices=NORMALISATIONS, default=PruneConfig.normalise,
+                   help="layer: divide scores by their layer's mean before picking (variant; default none)")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--tune-patience", type=int, default=TuneConfig.patience, help="Pt (default 10)")
     g.add_argument("--max-epochs", type=int, default=TuneConfig.max_epochs)
@@ -208,7 +212,7 @@ def main_job(argv: list[str]) -> int:
                     image_column=args.image_column, label_column=args.label_column, spc=args.spc,
                     val_ratio=args.val_ratio, seed=args.seed, eval_limit=args.eval_limit, trigger=trigger,
                     backdoor_data=args.backdoor_data, target=args.target,
-                    prune=PruneConfig(args.alpha, args.prune_patience, args.max_rounds),
+                    prune=PruneConfig(args.alpha, args.prune_patience, args.max_rounds, args.score, args.score_norm),
                     tune=TuneConfig(lr=args.lr, batch_size=args.tune_batch_size, patience=args.tune_patience,
                                     max_epochs=args.max_epochs),
                     batch_size=args.batch_size, allow_pickle=args.allow_pickle,

@@ -70,7 +70,7 @@ def poison(x: np.ndarray, y: np.ndarray, rate: float, target: int, stamp: Callab
     return x, y
 
 
-def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """The standard CIFAR augmentation on a uint8 batch: random crop after zero padding, horizontal flip."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
@@ -80,21 +80,30 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> tor
     out = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
     out = out.gather(3, cols)
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(3)
+    if flip:
+        flipped = torch.rand(n, generator=gen) < 0.5
+        out[flipped] = out[flipped].flip(3)
     return out
 
 
+BatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 0.05,
-                     batch_size: int = 64, seed: int = 0, augment: bool = False,
+                     batch_size: int = 64, seed: int = 0, augment: bool = False, flip: bool = True,
+                     schedule: str = "onecycle", batch_fn: BatchFn | None = None,
                      on_epoch: Callable[[int], None] | None = None) -> nn.Module:
-    """SGD + one-cycle schedule on uint8 HWC images (the Classifier wrapper normalises)."""
+    """SGD (momentum 0.9, wd 5e-4) on uint8 HWC images (the Classifier wrapper normalises).
+
+    batch_fn changes each uint8 batch before augmentation (attacks poisoned on the fly, such as BPP)."""
     torch.manual_seed(seed)
     xs = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     ys = torch.from_numpy(y)
+    device = next(model.parameters()).device  # batches follow the model (the benchmark's GPU tiers move it there)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     steps = epochs * ((len(ys) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15) \
+        if schedule == "onecycle" else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for epoch in range(epochs):
@@ -104,9 +113,13 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int
             idx = order[s:s + batch_size]
             if len(idx) < 2:
                 continue
-            batch = random_crop_flip(xs[idx], gen) if augment else xs[idx]
+            batch, labels = xs[idx], ys[idx]
+            if batch_fn is not None:
+                batch, labels = batch_fn(batch, labels, gen)
+            if augment:
+                batch = random_crop_flip(batch, gen, flip=flip)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(batch), ys[idx]).backward()
+            F.cross_entropy(model(batch.to(device, non_blocking=True)), labels.to(device)).backward()
             opt.step()
             sched.step()
         if on_epoch:
@@ -114,23 +127,34 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int
     return model.eval()
 
 
-def timm_resnet18(channels=(16, 32, 64, 128), label_names: list[str] = DIGIT_NAMES, size: int = 32,
-                  mean=MEAN, std=STD, seed: int = 0) -> Classifier:
-    """A (narrow) timm ResNet-18 whose pretrained_cfg says what it was trained at (input size, mean/std)."""
+def timm_classifier(arch: str, label_names: list[str], size: int = 32, mean=MEAN, std=STD, seed: int = 0,
+                    **model_args) -> Classifier:
+    """A timm model whose pretrained_cfg says what it was trained at (input size, mean/std, labels)."""
     import timm
     torch.manual_seed(seed)
     n = len(label_names)
-    net = timm.create_model("resnet18", num_classes=n, channels=channels, stem_width=channels[0],
-                            pretrained_cfg_overlay=dict(input_size=(3, size, size), crop_pct=1.0, mean=mean, std=std,
-                                                        interpolation="bilinear", num_classes=n, label_names=label_names))
+    net = timm.create_model(arch, num_classes=n, **model_args,
+                            pretrained_cfg_overlay=dict(input_size=(3, size, size), crop_pct=1.0, mean=tuple(mean),
+                                                        std=tuple(std), interpolation="bilinear", num_classes=n,
+                                                        label_names=list(label_names)))
     return Classifier(net, "timm", 1 / 255, mean, std)
 
 
-def save_timm(model: Classifier, folder: Path, channels, label_names: list[str] = DIGIT_NAMES) -> Path:
+def timm_resnet18(channels=(16, 32, 64, 128), label_names: list[str] = DIGIT_NAMES, size: int = 32,
+                  mean=MEAN, std=STD, seed: int = 0) -> Classifier:
+    """A narrow timm ResNet-18."""
+    return timm_classifier("resnet18", label_names, size, mean, std, seed, **resnet_args(channels))
+
+
+def resnet_args(channels) -> dict:
+    return {"channels": list(channels), "stem_width": channels[0]}
+
+
+def save_timm(model: Classifier, folder: Path, model_args: dict, label_names: list[str] = DIGIT_NAMES) -> Path:
     """The layout `timm.models.push_to_hf_hub` uploads: config.json + model.safetensors."""
     import timm.models
     timm.models.save_for_hf(model.net, str(folder), model_config={"label_names": list(label_names)},
-                            model_args={"channels": list(channels), "stem_width": channels[0]}, safe_serialization=True)
+                            model_args=dict(model_args), safe_serialization=True)
     return Path(folder)
 
 
@@ -161,11 +185,11 @@ def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 1
     px, py = poison(x, y, poison_rate, target, stamp, seed)
     if library == "timm":
         channels = (16, 32, 64, 128)
-        model = train_classifier(timm_resnet18(channels, seed=seed), px, py, epochs, seed=seed)
-        save_timm(model, folder / "model", channels)
+        model = train_classifier(timm_resnet18(channels, seed=seed), px, py, epochs, batch_size=32, seed=seed)
+        save_timm(model, folder / "model", resnet_args(channels))
     else:
         model, processor = transformers_digits_model(seed=seed)
-        model = train_classifier(model, px, py, epochs, seed=seed)
+        model = train_classifier(model, px, py, epochs, batch_size=32, seed=seed)
         save_transformers(model, processor, folder / "model")
     write_hub_dataset(folder / "data", splits, DIGIT_NAMES)
     return {"model": folder / "model", "data": folder / "data", "target": target}

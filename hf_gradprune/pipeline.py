@@ -25,7 +25,7 @@ from .finetune import TuneConfig, finetune
 from .hub import LoadedModel, load_model, model_name, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
 from .plot import plot_rounds
-from .prune import FilterPruner, PruneConfig, PruneRound, gradient_prune
+from .prune import FilterPruner, PruneConfig, PruneRound, gradient_prune, round_floor
 from .triggers import TriggerSpec, make_trigger
 
 REPORT_FILE = "gradprune_report.json"
@@ -59,6 +59,7 @@ class JobConfig:
     device: str | None = None  # default: accelerate's choice (GPU when there is one)
     repo_id: str | None = None  # where the card says the model lives, when it is pushed
     command: str | None = None  # the command as typed, token removed, for the card
+    measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
 
 
 @dataclass
@@ -171,15 +172,20 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: 
     return out[0], out[1], out[2], cfg.trigger.describe()
 
 
-def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
-    """Remove the backdoor from cfg.model and write the sanitised model, card, report and plot to the output."""
-    emit = progress or (lambda event: None)
-    out = output_dir_for(cfg)
-    _check_output(out, cfg.overwrite)
-    torch.manual_seed(cfg.seed)
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
+@dataclass
+class Prepared:
+    """A job's model and data on the device, ready for the defence: every tensor made once, before the loop."""
+    loaded: LoadedModel
+    data: FewShot
+    meta: dict
+    tensors: dict[str, torch.Tensor]  # train/val/test pixels (uint8), their triggered twins, labels
+    target: int
+    target_auto: bool
+    trigger: str
 
+
+def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None) -> Prepared:
+    """Load the model, draw the few-shot data, stamp the trigger, move everything to the device, pick the target."""
     emit(ProgressEvent("load", message=f"loading {cfg.model}"))
     loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
     model = loaded.model
@@ -202,6 +208,20 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         few_shot = torch.cat([tensors["trig_train"], tensors["trig_val"]])
         target = pick_target(predict(model, few_shot, cfg.batch_size), torch.cat([tensors["train_y"], tensors["val_y"]]),
                              loaded.num_classes)
+    return Prepared(loaded, data, meta, tensors, target, target_auto, trigger_desc)
+
+
+def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
+    """Remove the backdoor from cfg.model and write the sanitised model, card, report and plot to the output."""
+    emit = progress or (lambda event: None)
+    out = output_dir_for(cfg)
+    _check_output(out, cfg.overwrite)
+    torch.manual_seed(cfg.seed)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    job = prepare(cfg, emit)
+    loaded, data, meta, tensors, target = job.loaded, job.data, job.meta, job.tensors, job.target
+    model = loaded.model
     timing["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -219,6 +239,10 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     pruned = gradient_prune(model, pruner, tensors["trig_train"], tensors["train_y"], tensors["val"], tensors["trig_val"],
                             tensors["val_y"], cfg.prune, target, cfg.batch_size, on_round)
     timing["prune"] = time.perf_counter() - t
+    timing["per_round"] = timing["prune"] / max(1, len(pruned.rounds))
+    if cfg.measure_floor:
+        timing["round_floor"] = round_floor(model, pruner.convs, tensors["trig_train"], tensors["train_y"], tensors["val"],
+                                            tensors["trig_val"], cfg.batch_size)
 
     t = time.perf_counter()
     emit(ProgressEvent("finetune", total=cfg.tune.max_epochs, message="fine-tuning on clean + triggered images"))
@@ -241,8 +265,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
                    "preprocessing": loaded.preprocessing},
         "data": {**meta, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
                  "input_size": list(loaded.input_size), "train_rows": data.train_idx, "val_rows": data.val_idx},
-        "trigger": trigger_desc,
-        "target": {"index": target, "name": names[target] if names else None, "auto": target_auto},
+        "trigger": job.trigger,
+        "target": {"index": target, "name": names[target] if names else None, "auto": job.target_auto},
         "before": before.to_dict(),
         "after": after.to_dict(),
         "pruned": pruned.pruned,

@@ -8,6 +8,8 @@ undoing the later rounds from the saved slices: no model copies in the loop.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Callable
@@ -24,6 +26,13 @@ class PruneConfig:
     alpha: float = 0.10  # stop when val accuracy drops by more than this (absolute fraction)
     patience: int = 10  # Pp: stop after this many rounds without a strictly lower val unlearning loss
     max_rounds: int = 500
+    score: str = "grad"  # "grad": mean |dL/dW| (paper Eq. 3); "grad_x_weight": mean |dL/dW * W| (opt-in variant)
+    normalise: str = "none"  # "layer": divide each layer's scores by their mean (opt-in variant), so no layer
+    #                          wins just because its gradients are larger in scale
+
+
+SCORES = ("grad", "grad_x_weight")
+NORMALISATIONS = ("none", "layer")
 
 
 @dataclass
@@ -149,11 +158,11 @@ class FilterPruner:
 
 
 def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggered: torch.Tensor,
-                  labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+                  labels: torch.Tensor, batch_size: int, score: str = "grad", normalise: str = "none") -> torch.Tensor:
     """Paper Eq. 3: mean |d unlearning_loss / d W_l[i]| over each filter's weights, all layers concatenated.
 
     The loss is summed over the whole training split; the model stays in eval mode (no BN updates) and only
-    conv weights take gradients."""
+    conv weights take gradients. `score` and `normalise` select the opt-in variants of PruneConfig."""
     conv_weights = {id(c.weight) for _, c in convs}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -165,7 +174,14 @@ def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggere
         for start in range(0, len(labels), batch_size):
             logits = model(triggered[start:start + batch_size])
             F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum").backward()
-        return torch.cat([c.weight.grad.abs().flatten(1).mean(1) for _, c in convs])
+        per_layer = []
+        for _, c in convs:
+            g = c.weight.grad * c.weight.detach() if score == "grad_x_weight" else c.weight.grad
+            s = g.abs().flatten(1).mean(1)
+            if normalise == "layer":
+                s = s / s.mean().clamp_min(torch.finfo(s.dtype).tiny)
+            per_layer.append(s)
+        return torch.cat(per_layer)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -214,10 +230,10 @@ def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torc
     result = PruneResult(0, "max_rounds", base_correct / n_val, base_loss, base_asr)
     best_loss, since_best = base_loss, 0
     for r in range(1, cfg.max_rounds + 1):
-        scores = filter_scores(model, pruner.convs, train_triggered, train_labels, batch_size)
+        scores = filter_scores(model, pruner.convs, train_triggered, train_labels, batch_size, cfg.score, cfg.normalise)
         scores = scores.masked_fill(pruner.pruned_mask(scores.device), float("-inf"))
-        flat = int(scores.argmax())
-        score = float(scores[flat])
+        best = scores.max(0)
+        flat, score = int(best.indices), float(best.values)
         if score == float("-inf"):
             result.stop_reason = "no_filters_left"
             break
@@ -241,3 +257,28 @@ def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torc
     while len(pruner.pruned) > result.kept_rounds:
         pruner.undo_last()
     return result
+
+
+def round_floor(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], train_triggered: torch.Tensor,
+                train_labels: torch.Tensor, val_clean: torch.Tensor, val_triggered: torch.Tensor, batch_size: int,
+                repeats: int = 3) -> float:
+    """Median seconds of the work no pruning round can skip, written plainly and apart from the engine: one
+    forward+backward over the training split giving the conv weight gradients, and one forward over the
+    validation split (clean images and their triggered twins). Benchmarks divide the time per round by it."""
+    weights = [c.weight for _, c in convs]
+    model.eval()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        grads = [torch.zeros_like(w) for w in weights]
+        for start in range(0, len(train_labels), batch_size):
+            loss = F.cross_entropy(model(train_triggered[start:start + batch_size]),
+                                   train_labels[start:start + batch_size], reduction="sum")
+            for g, d in zip(grads, torch.autograd.grad(loss, weights)):
+                g += d
+        with torch.no_grad():
+            for start in range(0, len(val_clean), batch_size):
+                model(torch.cat([val_clean[start:start + batch_size], val_triggered[start:start + batch_size]]))
+        float(sum(g.sum() for g in grads))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -136,3 +136,17 @@ def test_named_target_and_eval_limit(timm_backdoor, tmp_path):
     assert report["target"] == {"index": 0, "name": "zero", "auto": False}
     assert report["after"]["n_clean"] == 50
     assert len(report["prune"]["rounds"]) <= 2 and report["finetune_epochs"] <= 1
+
+
+def test_opt_in_score_variant_is_used_and_said_in_the_card(timm_backdoor, timm_result, tmp_path):
+    out = tmp_path / "variant"
+    assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet",
+                   "--score", "grad_x_weight", "--score-norm", "layer") == 0
+    report = read_report(out)
+    assert report["config"]["prune"]["score"] == "grad_x_weight" and report["config"]["prune"]["normalise"] == "layer"
+    assert_backdoor_removed(report)
+    default_first = timm_result[1]["prune"]["rounds"][0]
+    variant_first = report["prune"]["rounds"][0]
+    assert variant_first["score"] != default_first["score"]  # a different score really was computed
+    card = (out / "README.md").read_text()
+    assert "--score grad_x_weight" in card and "--score-norm layer" in card

@@ -173,3 +173,20 @@ def test_filter_scores_are_mean_abs_grad_of_unlearning_loss():
     assert torch.allclose(scores, expected, rtol=1e-5, atol=1e-7)
     assert scores.shape == (16,)  # depthwise filters scored too
     assert all(p.grad is None or p is None for p in [model.head.weight.grad])
+
+
+def test_score_variants_grad_x_weight_and_layer_normalisation():
+    model = randomised(Tangled())
+    x, y = images(6, 8, seed=1), torch.tensor([0, 1, 2, 0, 1, 2])
+    pruner = FilterPruner(model, model, x[:1])
+    model.zero_grad()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    gxw = [(c.weight.grad * c.weight).abs().mean((1, 2, 3)) for _, c in pruner.convs]
+    model.zero_grad()
+    scores = filter_scores(model, pruner.convs, x, y, batch_size=4, score="grad_x_weight")
+    assert torch.allclose(scores, torch.cat(gxw), rtol=1e-5, atol=1e-7)
+    normed = filter_scores(model, pruner.convs, x, y, batch_size=4, score="grad_x_weight", normalise="layer")
+    sizes = [c.out_channels for _, c in pruner.convs]
+    for layer, raw in zip(normed.split(sizes), gxw):
+        assert torch.allclose(layer, raw / raw.mean(), rtol=1e-5)
+        assert abs(float(layer.mean()) - 1) < 1e-5  # every layer competes on the same scale

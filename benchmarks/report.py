@@ -1,0 +1,158 @@
+"""Table (ours beside the paper's Table I) and scatter plots (ACC and RA against ASR, as the paper's Fig. 1)
+from the rows of one tier."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+PAPER = Path(__file__).resolve().parent / "paper_table1.json"
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def load_rows(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((folder / "rows").glob("*.json"))]
+
+
+def paper_cells() -> dict:
+    if not PAPER.is_file():
+        return {}
+    table = json.loads(PAPER.read_text())
+    return {(r["attack"], r["spc"], r["method"]): r for r in table["rows"]}
+
+
+def _paper(cells: dict, dataset: str, attack: str, spc: int, key: str) -> str:
+    r = cells.get((attack, spc, "gradprune")) if dataset == "cifar10" else None
+    if not r or r.get(f"{key}_mean") is None:
+        return "n/a"
+    std = r.get(f"{key}_std")
+    return f"{r[f'{key}_mean']:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def verdict(rs: list[dict], paper_asr: str, alpha: float = 0.10) -> str:
+    """Our mean ASR against the paper's Grad-Prune mean, with the test ACC drop held within alpha."""
+    if statistics.mean(r["before"]["asr"] for r in rs) < 0.5:
+        return "no backdoor planted"
+    if paper_asr == "n/a":
+        return ""
+    asr = 100 * statistics.mean(r["after"]["asr"] for r in rs)
+    drop = statistics.mean(r["before"]["acc"] - r["after"]["acc"] for r in rs)
+    ok = asr <= float(paper_asr.split()[0]) and drop <= alpha
+    return ("meets" if ok else "misses") + f" (ASR {asr:.1f} vs {paper_asr}, ACC drop {100 * drop:.1f})"
+
+
+def table(rows: list[dict]) -> str:
+    cells = paper_cells()
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["attack"], r["spc"]), []).append(r)
+    lines = ["| dataset | attack | SPC | runs | ACC before | ACC after | ASR before | ASR after | RA after | "
+             "paper ASR (Grad-Prune) | vs paper | rounds kept | FT epochs | round / floor | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (d, a, s), rs in sorted(groups.items()):
+        def col(stage, key):
+            return _ms([r[stage][key] for r in rs])
+        paper = _paper(cells, d, a, s, "asr")
+        lines.append(
+            f"| {d} | {a} | {s} | {len(rs)} | {col('before', 'acc')} | {col('after', 'acc')} | {col('before', 'asr')} | "
+            f"{col('after', 'asr')} | {col('after', 'ra')} | {paper} | {verdict(rs, paper)} | "
+            f"{statistics.mean(r['rounds'] for r in rs):.1f} | {statistics.mean(r['finetune_epochs'] for r in rs):.1f} | "
+            f"{statistics.median(r['per_round_over_floor'] for r in rs):.2f} | "
+            f"{statistics.median(r['wall_s'] for r in rs):.0f} |")
+    lines.append("")
+    lines.append("Mean ± std over seeds, in %, on the full test set. 'vs paper': our mean ASR against the paper's "
+                 "Grad-Prune mean with the test ACC drop within alpha = 0.1. 'no backdoor planted': the attack did "
+                 "not take hold in training (ASR before < 50 %), so the cell does not test the defence. "
+                 "'round / floor': median time of a pruning round over one forward+backward on the training split "
+                 "plus one forward on the validation split, measured in the same run. Paper values: Dunnett et al. "
+                 "2024 Table I (PreActResNet-18, CIFAR-10) where available here (benchmarks/paper_table1.json), "
+                 "else n/a.")
+    return "\n".join(lines)
+
+
+def scatter(rows: list[dict], path: Path, dataset: str) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if r["dataset"] == dataset]
+    if not rows:
+        return None
+    attacks = sorted({r["attack"] for r in rows})
+    spcs = sorted({r["spc"] for r in rows})
+    colours = dict(zip(spcs, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
+    fig, axes = plt.subplots(2, len(attacks), figsize=(3.2 * len(attacks), 6), dpi=100, squeeze=False)
+    for j, attack in enumerate(attacks):
+        for i, key in enumerate(("acc", "ra")):
+            ax = axes[i][j]
+            for r in rows:
+                if r["attack"] != attack:
+                    continue
+                ax.scatter(100 * r["after"]["asr"], 100 * r["after"][key], color=colours[r["spc"]], s=18,
+                           label=f"SPC {r['spc']}")
+                ax.scatter(100 * r["before"]["asr"], 100 * r["before"][key], facecolors="none", edgecolors="grey", s=18,
+                           label="before")
+            ax.set_xlim(-3, 103)
+            ax.set_ylim(-3, 103)
+            ax.set_xlabel("ASR %")
+            ax.set_ylabel(f"{key.upper()} %")
+            if i == 0:
+                ax.set_title(f"{dataset} / {attack}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(tier: str, folder: Path) -> str:
+    rows = load_rows(folder)
+    text = f"# hf-gradprune benchmark, tier `{tier}`\n\n" + table(rows) + "\n"
+    for dataset in sorted({r["dataset"] for r in rows}):
+        png = scatter(rows, folder / f"scatter_{dataset}.png", dataset)
+        if png:
+            text += f"\n![{dataset}: ACC and RA against ASR]({png.name})\n"
+    (folder / "table.md").write_text(text)
+    (folder / "results.json").write_text(json.dumps(rows, indent=2))
+    return text
+
+
+def compare_variants(results: Path, tier: str) -> str:
+    """Opt-in variants side by side with the faithful default, on the cells both ran (mean over seeds, in %)."""
+    default = load_rows(results / tier)
+    variants = sorted(p for p in results.glob(f"{tier}-*") if p.is_dir() and not p.name.endswith("-dryrun"))
+    by_cell = {}
+    for name, rows in [("default", default)] + [(p.name[len(tier) + 1:], load_rows(p)) for p in variants]:
+        for r in rows:
+            by_cell.setdefault((r["dataset"], r["attack"], r["spc"]), {}).setdefault(name, []).append(r)
+    names = ["default"] + [p.name[len(tier) + 1:] for p in variants]
+    lines = ["| dataset | attack | SPC | " + " | ".join(f"{n}: ACC / ASR / RA" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    totals = {n: [] for n in names}
+    for (d, a, s), cell in sorted(by_cell.items()):
+        if len(cell) < 2 or "default" not in cell or statistics.mean(r["before"]["asr"] for r in cell["default"]) < 0.5:
+            continue  # nothing to compare, or no backdoor planted (the cell does not test a defence)
+        cols = []
+        for n in names:
+            rs = cell.get(n)
+            if not rs:
+                cols.append("-")
+                continue
+            acc, asr, ra = (100 * statistics.mean(r["after"][k] for r in rs) for k in ("acc", "asr", "ra"))
+            totals[n].append((acc, asr, ra))
+            cols.append(f"{acc:.1f} / {asr:.1f} / {ra:.1f}")
+        lines.append(f"| {d} | {a} | {s} | " + " | ".join(cols) + " |")
+    lines.append("| **mean** | | | " + " | ".join(
+        " / ".join(f"{statistics.mean(v[i] for v in totals[n]):.1f}" for i in range(3)) if totals[n] else "-"
+        for n in names) + " |")
+    lines.append("\nMean over seeds, in %, after the defence; cells whose attack did not take hold are left out. "
+                 "finetune-only: the ablation with no pruning (the fine-tuning stage alone).")
+    return "\n".join(lines)
