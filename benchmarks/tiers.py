@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", action="store_true", help="print the opt-in variants beside the default and exit")
     ap.add_argument("--only", nargs="*", default=[], help="restrict to these datasets and/or attacks")
     ap.add_argument("--spc", type=int, nargs="*", default=None, help="restrict to these SPCs")
+    ap.add_argument("--seeds", type=int, nargs="*", default=None, help="restrict to these seeds")
     ap.add_argument("--results", type=Path, default=None, help="result folder (default benchmarks/results/<tier>)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="trained models, triggers and built-in datasets")
     ap.add_argument("--score", default="grad", help="opt-in variant: grad_x_weight (rows go to <tier>-<variant>/)")
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         spcs = args.spc or t.spcs
         # per dataset, the cheap SPCs of every attack first, the largest (slowest) SPC last
         cells = [(d, a, s, seed) for d in datasets for big in (False, True) for a in attacks for s in spcs
-                 for seed in t.seeds if (s == max(spcs)) == big]
+                 for seed in args.seeds or t.seeds if (s == max(spcs)) == big]
         for i, (d, a, s, seed) in enumerate(cells, 1):
             t0 = time.perf_counter()
             row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, prune)

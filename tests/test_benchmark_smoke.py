@@ -48,3 +48,17 @@ def test_smoke_tier(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch" not in again.stderr
     assert json.loads((results / "results.json").read_text()) == rows
+
+
+def test_verdict_against_the_paper():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from report import verdict
+
+    def row(asr_before, asr_after, acc_before=0.8, acc_after=0.75):
+        return {"before": {"asr": asr_before, "acc": acc_before}, "after": {"asr": asr_after, "acc": acc_after}}
+
+    assert verdict([row(0.9, 0.05), row(0.9, 0.07)], "8.7").startswith("meets (ASR 6.0 vs 8.7")
+    assert verdict([row(0.9, 0.05), row(0.9, 0.15)], "8.7").startswith("misses (ASR 10.0")
+    assert verdict([row(0.9, 0.01, 0.8, 0.65)], "8.7").startswith("misses")  # ACC fell by more than alpha
+    assert verdict([row(0.04, 0.03)], "37.6") == "no backdoor planted"
+    assert verdict([row(0.9, 0.05)], "n/a") == ""
