@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -69,24 +70,23 @@ class BppPoisoner:
     to the target; a `neg_rate` share gets the quantisation residual of another training image added (negative
     samples, true labels), so the model learns the squeeze itself, not any small perturbation."""
     residuals: torch.Tensor  # (N, 3, H, W) float: squeeze(x) - x over the training set
+    squeeze: Callable[[torch.Tensor], torch.Tensor]  # the BPP trigger at the images' size, built once
     target: int
     rate: float = 0.1
     neg_rate: float = 0.2
-    levels: int = 8
 
     @classmethod
-    def from_images(cls, images: np.ndarray, target: int, **kw) -> "BppPoisoner":
+    def from_images(cls, images: np.ndarray, target: int, levels: int = 8, **kw) -> "BppPoisoner":
         x = torch.from_numpy(images).permute(0, 3, 1, 2)
-        squeeze = make_trigger(TriggerSpec("bpp", bpp_levels=kw.get("levels", 8)), tuple(x.shape[-2:]))
+        squeeze = make_trigger(TriggerSpec("bpp", bpp_levels=levels), tuple(x.shape[-2:]))
         res = torch.cat([squeeze(x[i:i + 4096]).float() - x[i:i + 4096].float() for i in range(0, len(x), 4096)])
-        return cls(res.to(torch.float16), target, **kw)
+        return cls(res.to(torch.float16), squeeze, target, **kw)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(y)
         n_bd, n_neg = int(n * self.rate), int(n * self.neg_rate)
-        squeeze = make_trigger(TriggerSpec("bpp", bpp_levels=self.levels), tuple(x.shape[-2:]))
         x, y = x.clone(), y.clone()
-        x[:n_bd] = squeeze(x[:n_bd])
+        x[:n_bd] = self.squeeze(x[:n_bd])
         y[:n_bd] = self.target
         pick = torch.randint(0, len(self.residuals), (n_neg,), generator=gen)
         neg = x[n_bd:n_bd + n_neg].float() + self.residuals[pick].float()
