@@ -28,8 +28,15 @@ def paper_cells() -> dict:
     return {(r["attack"], r["spc"], r["method"]): r for r in table["rows"]}
 
 
-def _paper(cells: dict, dataset: str, attack: str, spc: int, key: str) -> str:
-    r = cells.get((attack, spc, "gradprune")) if dataset == "cifar10" else None
+METHOD_ORDER = ("gradprune", "ft", "fp", "nad", "clp", "ftsam", "anp")
+
+
+def method_of(row: dict) -> str:
+    return row.get("method", "gradprune")
+
+
+def _paper(cells: dict, dataset: str, attack: str, spc: int, key: str, method: str = "gradprune") -> str:
+    r = cells.get((attack, spc, method)) if dataset == "cifar10" else None
     if not r or r.get(f"{key}_mean") is None:
         return "n/a"
     std = r.get(f"{key}_std")
@@ -52,28 +59,63 @@ def table(rows: list[dict]) -> str:
     cells = paper_cells()
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["attack"], r["spc"]), []).append(r)
-    lines = ["| dataset | attack | SPC | runs | ACC before | ACC after | ASR before | ASR after | RA after | "
-             "paper ASR (Grad-Prune) | vs paper | rounds kept | FT epochs | round / floor | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (d, a, s), rs in sorted(groups.items()):
+        groups.setdefault((r["dataset"], r["attack"], r["spc"], METHOD_ORDER.index(method_of(r))), []).append(r)
+    lines = ["| dataset | attack | SPC | method | runs | ACC before | ACC after | ASR before | ASR after | RA after | "
+             "paper ASR (same method) | vs paper | zeroed | FT epochs | round / floor | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (d, a, s, m), rs in sorted(groups.items()):
         def col(stage, key):
             return _ms([r[stage][key] for r in rs])
-        paper = _paper(cells, d, a, s, "asr")
+        method = METHOD_ORDER[m]
+        paper = _paper(cells, d, a, s, "asr", method)
+        floors = [r["per_round_over_floor"] for r in rs if r.get("per_round_over_floor") is not None]
         lines.append(
-            f"| {d} | {a} | {s} | {len(rs)} | {col('before', 'acc')} | {col('after', 'acc')} | {col('before', 'asr')} | "
-            f"{col('after', 'asr')} | {col('after', 'ra')} | {paper} | {verdict(rs, paper)} | "
+            f"| {d} | {a} | {s} | {method} | {len(rs)} | {col('before', 'acc')} | {col('after', 'acc')} | "
+            f"{col('before', 'asr')} | {col('after', 'asr')} | {col('after', 'ra')} | {paper} | {verdict(rs, paper)} | "
             f"{statistics.mean(r['rounds'] for r in rs):.1f} | {statistics.mean(r['finetune_epochs'] for r in rs):.1f} | "
-            f"{statistics.median(r['per_round_over_floor'] for r in rs):.2f} | "
+            f"{f'{statistics.median(floors):.2f}' if floors else '-'} | "
             f"{statistics.median(r['wall_s'] for r in rs):.0f} |")
     lines.append("")
     lines.append("Mean ± std over seeds, in %, on the full test set. 'vs paper': our mean ASR against the paper's "
-                 "Grad-Prune mean with the test ACC drop within alpha = 0.1. 'no backdoor planted': the attack did "
-                 "not take hold in training (ASR before < 50 %), so the cell does not test the defence. "
+                 "mean for the same method with the test ACC drop within alpha = 0.1. 'no backdoor planted': the "
+                 "attack did not take hold in training (ASR before < 50 %), so the cell does not test the defence. "
+                 "'zeroed': channels the defence zeroed (Grad-Prune: filters kept pruned). "
                  "'round / floor': median time of a pruning round over one forward+backward on the training split "
                  "plus one forward on the validation split, measured in the same run. Paper values: Dunnett et al. "
                  "2024 Table I (PreActResNet-18, CIFAR-10) where available here (benchmarks/paper_table1.json), "
                  "else n/a.")
+    return "\n".join(lines)
+
+
+def winners(rows: list[dict], alpha: float = 0.10) -> str:
+    """Per cell, the methods ranked by mean ASR after, among those whose mean ACC drop stays within alpha; only cells
+    where the attack took hold and every method has run on the same seeds."""
+    cells: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["attack"], r["spc"]), {}).setdefault(method_of(r), []).append(r)
+    lines = ["| dataset | attack | SPC | seeds | best (ASR after, ACC drop) | Grad-Prune rank | ASR after by method |",
+             "|---|---|---|---|---|---|---|"]
+    for (d, a, s), by_method in sorted(cells.items()):
+        if len(by_method) < 2 or statistics.mean(r["before"]["asr"] for rs in by_method.values() for r in rs) < 0.5:
+            continue
+        seeds = set.intersection(*({r["seed"] for r in rs} for rs in by_method.values()))
+        if not seeds:
+            continue
+        stats = {}
+        for m, rs in by_method.items():
+            rs = [r for r in rs if r["seed"] in seeds]
+            stats[m] = (statistics.mean(r["after"]["asr"] for r in rs),
+                        statistics.mean(r["before"]["acc"] - r["after"]["acc"] for r in rs))
+        ok = sorted((asr, m) for m, (asr, drop) in stats.items() if drop <= alpha)
+        best = f"{ok[0][1]} ({100 * ok[0][0]:.1f}, {100 * stats[ok[0][1]][1]:.1f})" if ok else "none within alpha"
+        rank = next((i + 1 for i, (_, m) in enumerate(ok) if m == "gradprune"), None)
+        by = ", ".join(f"{m} {100 * stats[m][0]:.1f}{'' if stats[m][1] <= alpha else '*'}"
+                       for m in METHOD_ORDER if m in stats)
+        lines.append(f"| {d} | {a} | {s} | {len(seeds)} | {best} | "
+                     f"{f'{rank} of {len(ok)}' if rank else 'outside alpha' if 'gradprune' in stats else '-'} | {by} |")
+    lines.append("")
+    lines.append("Mean over the seeds every method ran, in %. A method whose mean test ACC drop exceeds alpha = 0.1 "
+                 "(marked *) is not ranked.")
     return "\n".join(lines)
 
 
@@ -87,6 +129,8 @@ def scatter(rows: list[dict], path: Path, dataset: str) -> Path | None:
     attacks = sorted({r["attack"] for r in rows})
     spcs = sorted({r["spc"] for r in rows})
     colours = dict(zip(spcs, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
+    markers = dict(zip(METHOD_ORDER, "o^sDvP*"))
+    several = len({method_of(r) for r in rows}) > 1
     fig, axes = plt.subplots(2, len(attacks), figsize=(3.2 * len(attacks), 6), dpi=100, squeeze=False)
     for j, attack in enumerate(attacks):
         for i, key in enumerate(("acc", "ra")):
@@ -95,7 +139,9 @@ def scatter(rows: list[dict], path: Path, dataset: str) -> Path | None:
                 if r["attack"] != attack:
                     continue
                 ax.scatter(100 * r["after"]["asr"], 100 * r["after"][key], color=colours[r["spc"]], s=18,
-                           label=f"SPC {r['spc']}")
+                           marker=markers[method_of(r)], label=f"SPC {r['spc']}")
+                if several:  # a legend entry per method, in black
+                    ax.scatter([], [], color="k", marker=markers[method_of(r)], s=18, label=method_of(r))
                 ax.scatter(100 * r["before"]["asr"], 100 * r["before"][key], facecolors="none", edgecolors="grey", s=18,
                            label="before")
             ax.set_xlim(-3, 103)
@@ -106,7 +152,7 @@ def scatter(rows: list[dict], path: Path, dataset: str) -> Path | None:
                 ax.set_title(f"{dataset} / {attack}")
     handles, labels = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), frameon=False)
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(len(unique), 8), frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path)
     plt.close(fig)
@@ -116,6 +162,8 @@ def scatter(rows: list[dict], path: Path, dataset: str) -> Path | None:
 def write_report(tier: str, folder: Path) -> str:
     rows = load_rows(folder)
     text = f"# hf-gradprune benchmark, tier `{tier}`\n\n" + table(rows) + "\n"
+    if len({method_of(r) for r in rows}) > 1:
+        text += "\n## Which method wins where\n\n" + winners(rows) + "\n"
     for dataset in sorted({r["dataset"] for r in rows}):
         png = scatter(rows, folder / f"scatter_{dataset}.png", dataset)
         if png:
@@ -127,7 +175,7 @@ def write_report(tier: str, folder: Path) -> str:
 
 def compare_variants(results: Path, tier: str) -> str:
     """Opt-in variants side by side with the faithful default, on the cells both ran (mean over seeds, in %)."""
-    default = load_rows(results / tier)
+    default = [r for r in load_rows(results / tier) if method_of(r) == "gradprune"]
     variants = sorted(p for p in results.glob(f"{tier}-*") if p.is_dir() and not p.name.endswith("-dryrun"))
     by_cell = {}
     for name, rows in [("default", default)] + [(p.name[len(tier) + 1:], load_rows(p)) for p in variants]:

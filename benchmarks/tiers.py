@@ -4,9 +4,11 @@
     python benchmarks/tiers.py cpu [--data ../shared/data]   # CIFAR-10 + GTSRB, 4 attacks, SPC 2/10/100, 3 seeds
     python benchmarks/tiers.py paper [--data ../shared/data] # ResNetV2-18 (pre-activation), full recipe: a GPU job
     python benchmarks/tiers.py cpu --report     # rebuild table and plots from the rows already on disk
+    python benchmarks/tiers.py cpu --method ft fp nad clp ftsam anp   # the baselines, on the same cells
 
-Every (dataset, attack, SPC, seed) is one row in benchmarks/results/<tier>/rows/; rows and trained models
-already on disk are reused, so an interrupted run continues where it stopped.
+Every (dataset, attack, SPC, seed, method) is one row in benchmarks/results/<tier>/rows/; rows and trained models
+already on disk are reused, so an interrupted run continues where it stopped. All methods of a cell run on the same
+backdoored model, the same few-shot draw (same seed) and the same test images.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from attacks import ATTACKS, trigger_spec  # noqa: E402
 from zoo import CACHE, Recipe, backdoored  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("gradprune", "ft", "fp", "nad", "clp", "ftsam", "anp")
+# FT-SAM's GTSRB settings; no horizontal flips for traffic signs (the zoo trains GTSRB without them too)
+GTSRB_BASELINE = {"sam_rho": 8.0, "sam_label_smoothing": 0.0, "augment": "crop"}
 
 
 @dataclass
@@ -35,35 +40,54 @@ class Tier:
     seeds: tuple = (0,)
     recipes: dict = field(default_factory=dict)  # dataset -> Recipe
     eval_limit: int | None = None
+    methods: tuple = ("gradprune",)
+    baseline_attacks: tuple = ATTACKS  # cells the baselines run on (those where the attack takes hold)
+    baseline: dict = field(default_factory=dict)  # dataset -> BaselineConfig overrides (the papers' per-dataset settings)
 
 
 TIERS = {
     "smoke": Tier(["digits"], spcs=(10,), seeds=(0,),
                   recipes={"digits": Recipe(model_args={"channels": [16, 32, 64, 128], "stem_width": 16}, epochs=8,
-                                            lr=0.05, batch_size=64)}),
+                                            lr=0.05, batch_size=64)},
+                  methods=METHODS, baseline_attacks=("badnet",), baseline={"digits": {"anp_iters": 300, "augment": "crop"}}),
+    # ANP: each mask iteration costs 3 forward + 2 backward passes; 2000 of them take about 5 min a run on 2 cores,
+    # so the cpu tier runs 500 (the paper tiers run ANP's 2000)
     "cpu": Tier(["cifar10", "gtsrb"], spcs=(10, 2, 100), seeds=(0, 1, 2),
-                recipes={"cifar10": Recipe(epochs=12, lr=0.05), "gtsrb": Recipe(epochs=8, lr=0.05)}),
+                recipes={"cifar10": Recipe(epochs=12, lr=0.05), "gtsrb": Recipe(epochs=8, lr=0.05)},
+                methods=METHODS, baseline_attacks=("badnet", "blended", "lf"),
+                baseline={"cifar10": {"anp_iters": 500}, "gtsrb": {**GTSRB_BASELINE, "anp_iters": 500}}),
     # lr 0.05, not BackdoorBench's 0.01: with 12 epochs instead of 100, lr 0.01 cosine gave a CIFAR-10 BadNets model
     # of 63.8 % ACC that had not learned the backdoor at all (ASR 8.6 %), nothing to defend against
     # BackdoorBench's CIFAR PreActResNet-18 has a 3x3 stride-1 stem; the Hub-loadable pre-activation ResNet-18 is timm's
     # resnetv2_18 (ImageNet stem), the closest a Hub user meets. GPU jobs: see README "Benchmarks".
     "paper": Tier(["cifar10", "gtsrb"], spcs=(2, 10, 100), seeds=(0, 1, 2, 3, 4),
-                  recipes={d: Recipe(arch="resnetv2_18", model_args={}, epochs=100) for d in ("cifar10", "gtsrb")}),
+                  recipes={d: Recipe(arch="resnetv2_18", model_args={}, epochs=100) for d in ("cifar10", "gtsrb")},
+                  methods=METHODS, baseline={"gtsrb": GTSRB_BASELINE}),
     "paper-vgg": Tier(["cifar10", "gtsrb"], spcs=(2, 10, 100), seeds=(0, 1, 2, 3, 4),
-                      recipes={d: Recipe(arch="vgg19_bn", model_args={}, epochs=100) for d in ("cifar10", "gtsrb")}),
+                      recipes={d: Recipe(arch="vgg19_bn", model_args={}, epochs=100) for d in ("cifar10", "gtsrb")},
+                      methods=METHODS, baseline={"gtsrb": GTSRB_BASELINE}),
 }
 
 
-def row_path(results: Path, dataset: str, attack: str, spc: int, seed: int) -> Path:
-    return results / "rows" / f"{dataset}-{attack}-spc{spc}-seed{seed}.json"
+def row_path(results: Path, dataset: str, attack: str, spc: int, seed: int, method: str = "gradprune") -> Path:
+    suffix = "" if method == "gradprune" else f"-{method}"
+    return results / "rows" / f"{dataset}-{attack}-spc{spc}-seed{seed}{suffix}.json"
+
+
+def baseline_config(t: Tier, dataset: str):
+    from hf_gradprune.methods import BaselineConfig
+    overrides = dict(t.baseline.get(dataset, {}))
+    cfg = BaselineConfig()
+    tune_keys = {k: overrides.pop(k) for k in list(overrides) if k in ("augment",)}
+    return replace(cfg, tune=replace(cfg.tune, **tune_keys), **overrides)
 
 
 def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, data_root: Path, results: Path,
-            cache: Path, log, prune=None) -> dict:
+            cache: Path, log, prune=None, method: str = "gradprune") -> dict:
     from hf_gradprune.pipeline import JobConfig, run
     from hf_gradprune.prune import PruneConfig
     prune = prune or PruneConfig()
-    path = row_path(results, dataset, attack, spc, seed)
+    path = row_path(results, dataset, attack, spc, seed, method)
     if path.is_file():
         return json.loads(path.read_text())
     recipe = t.recipes[dataset]
@@ -72,15 +96,16 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
         t0 = time.perf_counter()
         res = run(JobConfig(model=str(zoo.folder), data=str(zoo.dataset_folder), output=f"{tmp}/out", spc=spc,
                             seed=seed, trigger=trigger_spec(attack, cache / "triggers"), target=str(recipe.target),
-                            eval_limit=t.eval_limit, measure_floor=True, prune=prune))
+                            eval_limit=t.eval_limit, measure_floor=method == "gradprune", prune=prune,
+                            method=method, baseline=baseline_config(t, dataset)))
         wall = time.perf_counter() - t0
     r = res.report
     timing = r["timing_s"]
     row = {"tier": tier, "dataset": dataset, "model": f"timm {recipe.arch} {recipe.model_args}", "attack": attack,
-           "spc": spc, "seed": seed, "variant": variant_name(prune), "before": r["before"], "after": r["after"], "rounds": r["rounds"],
-           "rounds_tried": len(r["prune"]["rounds"]), "stop_reason": r["prune"]["stop_reason"],
+           "spc": spc, "seed": seed, "method": method, "variant": variant_name(prune), "before": r["before"], "after": r["after"], "rounds": r["rounds"],
+           "rounds_tried": len(r["prune"].get("rounds", [])), "stop_reason": r["prune"].get("stop_reason"),
            "finetune_epochs": r["finetune_epochs"], "pruned": r["pruned"], "timing_s": timing, "wall_s": wall,
-           "per_round_over_floor": timing["per_round"] / timing["round_floor"],
+           "per_round_over_floor": timing["per_round"] / timing["round_floor"] if "round_floor" in timing else None,
            "backdoored_model": {k: zoo.info[k] for k in ("acc", "asr", "ra", "train_s", "trigger_changed_pixel_share")}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2))
@@ -103,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", action="store_true", help="print the opt-in variants beside the default and exit")
     ap.add_argument("--only", nargs="*", default=[], help="restrict to these datasets and/or attacks")
     ap.add_argument("--spc", type=int, nargs="*", default=None, help="restrict to these SPCs")
+    ap.add_argument("--method", nargs="*", choices=METHODS, default=None,
+                    help="defences to run (default: the tier's, all seven where the tier lists them)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None, help="restrict to these seeds")
     ap.add_argument("--results", type=Path, default=None, help="result folder (default benchmarks/results/<tier>)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="trained models, triggers and built-in datasets")
@@ -133,12 +160,14 @@ def main(argv=None) -> int:
         attacks = [a for a in t.attacks if a in args.only] or t.attacks
         spcs = args.spc or t.spcs
         # per dataset, the cheap SPCs of every attack first, the largest (slowest) SPC last
-        cells = [(d, a, s, seed) for d in datasets for big in (False, True) for a in attacks for s in spcs
-                 for seed in args.seeds or t.seeds if (s == max(spcs)) == big]
-        for i, (d, a, s, seed) in enumerate(cells, 1):
+        methods = args.method or (t.methods if variant == "default" else ("gradprune",))
+        cells = [(d, a, s, seed, m) for d in datasets for big in (False, True) for s in spcs
+                 for seed in args.seeds or t.seeds for m in methods for a in attacks
+                 if (s == max(spcs)) == big and (m == "gradprune" or a in t.baseline_attacks)]
+        for i, (d, a, s, seed, m) in enumerate(cells, 1):
             t0 = time.perf_counter()
-            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, prune)
-            log(f"[{i}/{len(cells)}] {d} {a} SPC {s} seed {seed}: ASR {100 * row['before']['asr']:.1f} -> "
+            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, prune, m)
+            log(f"[{i}/{len(cells)}] {d} {a} SPC {s} seed {seed} {m}: ASR {100 * row['before']['asr']:.1f} -> "
                 f"{100 * row['after']['asr']:.1f} %, ACC {100 * row['before']['acc']:.1f} -> "
                 f"{100 * row['after']['acc']:.1f} % ({time.perf_counter() - t0:.0f} s)")
     from report import write_report

@@ -22,27 +22,24 @@ def _pct(metrics: dict) -> dict:
     return {f"{k}_pct": f"{100 * metrics[k]:.2f}" for k in ("acc", "asr", "ra")}
 
 
-def _layer_rows(pruned: list[dict]) -> list[dict]:
+def _layer_rows(changed: list[dict]) -> list[dict]:
+    from .methods import changed_index
     per_layer: OrderedDict[str, list[int]] = OrderedDict()
-    for p in pruned:
-        per_layer.setdefault(p["layer"], []).append(p["filter"])
+    for p in changed:
+        per_layer.setdefault(p["layer"], []).append(changed_index(p))
     return [{"layer": k, "count": len(v), "indices": ", ".join(map(str, sorted(v)))} for k, v in per_layer.items()]
 
 
-def _score_desc(prune_cfg: dict) -> str:
-    what = {"grad": "the mean\nabsolute gradient of the unlearning loss",
-            "grad_x_weight": "the mean\nabsolute gradient x weight of the unlearning loss (variant --score grad_x_weight)"}
-    desc = what[prune_cfg.get("score", "grad")]
-    if prune_cfg.get("normalise", "none") == "layer":
-        desc += ", divided by its layer's mean (variant --score-norm layer)"
-    return desc
+_CHANGED_KIND = {"filter": "filters (conv output channels)", "input_channel": "input channels",
+                 "channel": "norm channels"}
 
 
 def render_card(report: dict, plot_file: str, license: str | None = None) -> ModelCard:
     from .hub import is_hub_id, model_name as name_of
     source, data = report["source"]["model"], report["data"]["dataset"]
     library = report["source"]["library"]
-    model_name = f"{name_of(source)}-gradprune"
+    method = report["method"]
+    model_name = f"{name_of(source)}-{method['name']}"
     split = report["data"]["test_split"]
     results = [EvalResult(task_type="image-classification", task_name="Image Classification",
                           dataset_type=data if is_hub_id(data) else name_of(data),
@@ -54,7 +51,7 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         model_name=model_name, library_name=library, pipeline_tag="image-classification", license=license,
         base_model=source if is_hub_id(source) else None,
         datasets=[data] if is_hub_id(data) else None,
-        tags=["backdoor-defense", "gradprune", "pruning", library], eval_results=results)
+        tags=["backdoor-defense", "hf-gradprune", method["name"], library], eval_results=results)
     load = ('import timm\nmodel = timm.create_model("hf-hub:<repo-id>", pretrained=True)' if library == "timm" else
             'from transformers import AutoImageProcessor, AutoModelForImageClassification\n'
             'model = AutoModelForImageClassification.from_pretrained("<repo-id>")\n'
@@ -62,9 +59,8 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
     repo = report.get("push", {}).get("repo_id")
     if repo:
         load = load.replace("<repo-id>", repo)
-    prune, cfg = report["prune"], report["config"]
-    pruned = report["pruned"]
-    target = report["target"]
+    cfg, changed, target = report["config"], report["pruned"], report["target"]
+    kind = next((k for k in _CHANGED_KIND if changed and k in changed[0]), "filter")
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),
         model_name=model_name, source=source, data=data, load_snippet=load, plot_file=plot_file,
@@ -74,7 +70,7 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         target_note=" (found automatically: the class most triggered few-shot images were sent to)" if target["auto"] else "",
         input_size=f'{report["data"]["input_size"][0]}x{report["data"]["input_size"][1]}',
         spc=cfg["spc"], split=cfg["split"], n_train=report["data"]["n_train"], n_val=report["data"]["n_val"],
-        seed=cfg["seed"], n_pruned=len(pruned), n_layers=len({p["layer"] for p in pruned}),
-        total_filters=report["total_filters"], rounds_tried=len(prune["rounds"]), stop_reason=prune["stop_reason"],
-        alpha=cfg["prune"]["alpha"], score_desc=_score_desc(cfg["prune"]), tune_epochs=report["finetune"]["epochs"],
-        tune_best_epoch=report["finetune"]["best_epoch"], layer_rows=_layer_rows(pruned), command=report["command"])
+        seed=cfg["seed"], method_title=method["title"], method_desc=method["description"],
+        method_reference=method["reference"], method_summary=method["summary"], changed_kind=_CHANGED_KIND[kind],
+        uses_triggered=method["name"] == "gradprune", data_free=method["name"] == "clp",
+        layer_rows=_layer_rows(changed), command=report["command"])

@@ -9,11 +9,13 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
 from .errors import UserError
-from .finetune import TuneConfig
+from .finetune import AUGMENTATIONS, TuneConfig
+from .methods import METHODS, BaselineConfig
 from .hub import model_name
 from .prune import NORMALISATIONS, SCORES, PruneConfig
 from .triggers import TRIGGER_KINDS, TriggerSpec
@@ -49,7 +51,10 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--bpp-levels", type=int, default=8, help="bpp: colour levels per channel (default 8)")
     g.add_argument("--backdoor-data", help="your own triggered copies of --data (same splits, rows and true labels)")
     g.add_argument("--target", default="auto", help="target class index or name (default: auto, found from the data)")
-    g = p.add_argument_group("pruning")
+    g = p.add_argument_group("defence")
+    g.add_argument("--method", choices=list(METHODS), default="gradprune",
+                   help="gradprune (default, the paper's method) or a baseline: ft, fp, nad, clp, ftsam, anp")
+    g = p.add_argument_group("pruning (gradprune; --alpha also bounds fp's and anp's sweeps)")
     g.add_argument("--alpha", type=float, default=PruneConfig.alpha,
                    help="stop when val accuracy drops by more than this absolute fraction (default 0.10)")
     g.add_argument("--prune-patience", type=int, default=PruneConfig.patience, help="Pp (default 10)")
@@ -58,16 +63,29 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="filter score: grad = mean |dL/dW| (paper, default); grad_x_weight = mean |dL/dW * W| (variant)")
     g.add_argument("--score-norm", choices=NORMALISATIONS, default=PruneConfig.normalise,
                    help="layer: divide scores by their layer's mean before picking (variant; default none)")
-    g = p.add_argument_group("fine-tuning")
-    g.add_argument("--tune-patience", type=int, default=TuneConfig.patience, help="Pt (default 10)")
-    g.add_argument("--max-epochs", type=int, default=TuneConfig.max_epochs)
-    g.add_argument("--lr", type=float, default=TuneConfig.lr)
-    g.add_argument("--tune-batch-size", type=int, default=TuneConfig.batch_size)
+    g = p.add_argument_group("fine-tuning (defaults: gradprune lr 0.001 constant, no augmentation; ft/fp/nad/ftsam "
+                             "lr 0.01 cosine, crop-flip)")
+    g.add_argument("--tune-patience", type=int, help="Pt: early-stop patience on the val loss (default 10)")
+    g.add_argument("--max-epochs", type=int, help="default 100")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--tune-batch-size", type=int, help="default 128")
+    g.add_argument("--augment", choices=AUGMENTATIONS,
+                   help="crop = random crop with 1/8-side zero padding; crop-flip adds horizontal flips (off for "
+                        "images where left and right differ in meaning, e.g. traffic signs)")
+    g = p.add_argument_group("baselines")
+    g.add_argument("--fp-step", type=float, default=BaselineConfig.fp_step, help="fp: share of channels per step (0.01)")
+    g.add_argument("--nad-teacher-epochs", type=int, default=BaselineConfig.nad_teacher_epochs)
+    g.add_argument("--clp-u", type=float, default=BaselineConfig.clp_u, help="clp: prune above mean + u * std (3)")
+    g.add_argument("--sam-rho", type=float, default=BaselineConfig.sam_rho, help="ftsam: rho (CIFAR-10 2.0, GTSRB 8.0)")
+    g.add_argument("--label-smoothing", type=float, default=BaselineConfig.sam_label_smoothing,
+                   help="ftsam: (CIFAR-10 0.1, GTSRB 0.0)")
+    g.add_argument("--anp-iters", type=int, default=BaselineConfig.anp_iters, help="anp: mask iterations (2000)")
+    g.add_argument("--anp-eps", type=float, default=BaselineConfig.anp_eps)
     g = p.add_argument_group("output and Hub")
     g.add_argument("--output", help="output folder (default ./<model-name>-gradprune)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     g.add_argument("--push", action="store_true", help="upload the output folder to the Hub")
-    g.add_argument("--repo-id", help="default <your user>/<model-name>-gradprune")
+    g.add_argument("--repo-id", help="default <your user>/<model-name>-<method>")
     g.add_argument("--private", action="store_true")
     g.add_argument("--create-pr", action="store_true")
     g.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login); never written anywhere")
@@ -150,7 +168,8 @@ def _summary(report: dict, out: Path) -> str:
     b, a, t = report["before"], report["after"], report["target"]
     name = f" ({t['name']})" if t.get("name") else ""
     lines = [f"target class: {t['index']}{name}{' [auto]' if t['auto'] else ''}",
-             f"pruned {report['rounds']} filters, fine-tuned {report['finetune_epochs']} epochs",
+             f"method {report['method']['title']}: zeroed {report['rounds']} channels, fine-tuned "
+             f"{report['finetune_epochs']} epochs",
              f"{'':8}{'before':>9}{'after':>9}"]
     for key, label in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
         lines.append(f"{label:8}{100 * b[key]:8.2f}%{100 * a[key]:8.2f}%")
@@ -213,14 +232,18 @@ def main_job(argv: list[str]) -> int:
                     val_ratio=args.val_ratio, seed=args.seed, eval_limit=args.eval_limit, trigger=trigger,
                     backdoor_data=args.backdoor_data, target=args.target,
                     prune=PruneConfig(args.alpha, args.prune_patience, args.max_rounds, args.score, args.score_norm),
-                    tune=TuneConfig(lr=args.lr, batch_size=args.tune_batch_size, patience=args.tune_patience,
-                                    max_epochs=args.max_epochs),
+                    method=args.method, tune=_tune(TuneConfig(), args),
+                    baseline=BaselineConfig(tune=_tune(replace(BaselineConfig().tune, alpha=args.alpha), args),
+                                            fp_step=args.fp_step,
+                                            nad_teacher_epochs=args.nad_teacher_epochs, clp_u=args.clp_u,
+                                            sam_rho=args.sam_rho, sam_label_smoothing=args.label_smoothing,
+                                            anp_iters=args.anp_iters, anp_eps=args.anp_eps),
                     batch_size=args.batch_size, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
                     command=redacted_command(argv))
     _check_numbers(args)
     if args.push:  # before the long run: a missing login should not cost the user the whole defence
-        cfg.repo_id = _resolve_repo_id(args.repo_id, model_name(args.model), args.token)
+        cfg.repo_id = _resolve_repo_id(args.repo_id, f"{model_name(args.model)}-{args.method}", args.token)
     progress = None if args.quiet else TqdmProgress()
     try:
         result = run(cfg, progress)
@@ -233,16 +256,33 @@ def main_job(argv: list[str]) -> int:
     return 0
 
 
+def _tune(defaults: TuneConfig, args) -> TuneConfig:
+    """The fine-tuning flags override the chosen method's defaults only where given."""
+    given = {"lr": args.lr, "batch_size": args.tune_batch_size, "patience": args.tune_patience,
+             "max_epochs": args.max_epochs, "augment": args.augment}
+    return replace(defaults, **{k: v for k, v in given.items() if v is not None})
+
+
 def _check_numbers(args) -> None:
     if not 0 <= args.alpha < 1:
         raise UserError(f"--alpha {args.alpha}: must be a fraction in [0, 1)")
     for flag, value in (("--prune-patience", args.prune_patience), ("--max-rounds", args.max_rounds),
                         ("--tune-patience", args.tune_patience), ("--batch-size", args.batch_size),
-                        ("--tune-batch-size", args.tune_batch_size)):
-        if value < 1:
+                        ("--tune-batch-size", args.tune_batch_size), ("--nad-teacher-epochs", args.nad_teacher_epochs),
+                        ("--anp-iters", args.anp_iters)):
+        if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
-    if args.max_epochs < 0:
+    if args.max_epochs is not None and args.max_epochs < 0:
         raise UserError(f"--max-epochs {args.max_epochs}: must be 0 or more")
+    if args.lr is not None and args.lr <= 0:
+        raise UserError(f"--lr {args.lr}: must be positive")
+    if not 0 < args.fp_step < 1:
+        raise UserError(f"--fp-step {args.fp_step}: must be a fraction in (0, 1)")
+    if not 0 <= args.label_smoothing < 1:
+        raise UserError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
+    for flag, value in (("--clp-u", args.clp_u), ("--sam-rho", args.sam_rho), ("--anp-eps", args.anp_eps)):
+        if value < 0:
+            raise UserError(f"{flag} {value}: must be 0 or more")
 
 
 def _quiet_libraries() -> None:
@@ -259,11 +299,12 @@ def push_command(argv: list[str]) -> int:
     if not report_file.is_file():
         raise UserError(f"push {out}: no gradprune_report.json, so not an hf-gradprune output folder")
     try:
-        source = json.loads(report_file.read_text())["source"]["model"]
+        report = json.loads(report_file.read_text())
+        source, method = report["source"]["model"], report.get("tool", {}).get("method", "gradprune")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"push {out}: gradprune_report.json is not a valid hf-gradprune report ({type(e).__name__}); "
                         "re-run the defence to write it") from None
-    repo_id = _resolve_repo_id(args.repo_id, model_name(str(source)), args.token)
+    repo_id = _resolve_repo_id(args.repo_id, f"{model_name(str(source))}-{method}", args.token)
     return _push(out, repo_id, args.token, args.private, args.create_pr, args.revision)
 
 

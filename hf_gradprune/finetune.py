@@ -1,19 +1,20 @@
-"""Fine-tuning after pruning: clean images and their triggered twins, both with TRUE labels.
+"""The one fine-tuning loop every defence shares: Grad-Prune's repair stage, FT, FP, NAD, the NAD teacher and FT-SAM.
 
-SGD lr 1e-3, momentum 0.9, wd 5e-4, batch 128, no augmentation; early stop on the clean validation loss with
-patience Pt, restoring the best epoch. Pruned channels are re-zeroed after every step.
+SGD with momentum and weight decay, optional cosine schedule and augmentation, early stop on the clean
+validation loss with patience Pt (restoring the best epoch), masked channels re-zeroed after every step.
+A method changes the loss (`loss_fn`) or the optimiser (`make_optimizer`), never the loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prune import FilterPruner
+AUGMENTATIONS = ("none", "crop", "crop-flip")
 
 
 @dataclass
@@ -24,32 +25,78 @@ class TuneConfig:
     batch_size: int = 128
     patience: int = 10  # Pt
     max_epochs: int = 100
+    schedule: str = "constant"  # "cosine": CosineAnnealingLR over max_epochs, as BackdoorBench's defences
+    augment: str = "none"  # "crop": random crop with zero padding of 1/8 of the side; "crop-flip": + horizontal flip
+    label_smoothing: float = 0.0
+    select: str = "loss"  # which epoch to keep: "loss" = the lowest clean val loss (Grad-Prune, as the paper);
+    #                       "latest_within_alpha" = the LATEST epoch whose clean val accuracy is within alpha of the
+    #                       model's before fine-tuning, stopping after Pt epochs in a row outside it (baselines: their
+    #                       val loss is lowest at the untouched backdoored model, so "loss" would undo the defence)
+    alpha: float = 0.10
 
 
 @dataclass
 class TuneResult:
     epochs: int  # epochs run
-    best_epoch: int  # 0 = the pruned model before any fine-tuning was best
+    best_epoch: int  # 0 = the model before any fine-tuning was best
     val_losses: list[float] = field(default_factory=list)  # index 0 = before fine-tuning
+    val_accs: list[float] = field(default_factory=list)
+
+
+class KeepsMask(Protocol):
+    def reapply(self) -> None: ...
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+def val_loss_acc(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> tuple[float, int]:
+    """Mean cross-entropy and correct count, read back in one host sync."""
     model.eval()
-    total = torch.zeros((), device=labels.device)
+    total = torch.zeros(2, device=labels.device)
     for start in range(0, len(labels), batch_size):
-        total += F.cross_entropy(model(pixels[start:start + batch_size]), labels[start:start + batch_size], reduction="sum")
-    return total.item() / max(1, len(labels))
+        logits, y = model(pixels[start:start + batch_size]), labels[start:start + batch_size]
+        total += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum().float()])
+    loss, correct = total.tolist()
+    return loss / max(1, len(labels)), int(correct)
+
+
+def augment(pixels: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding 1/8 of the side, 4 px at 32x32) and horizontal flip on uint8 batches, on the device,
+    drawn from a seeded CPU generator so runs repeat exactly."""
+    if mode == "none":
+        return pixels
+    n, _, h, w = pixels.shape
+    ph, pw = max(1, h // 8), max(1, w // 8)
+    padded = F.pad(pixels, (pw, pw, ph, ph))
+    dy = torch.randint(0, 2 * ph + 1, (n,), generator=gen).tolist()
+    dx = torch.randint(0, 2 * pw + 1, (n,), generator=gen).tolist()
+    out = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
+    if mode == "crop-flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        out[flip.to(out.device)] = out[flip.to(out.device)].flip(-1)
+    return out
 
 
 def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_pixels: torch.Tensor,
-             val_labels: torch.Tensor, cfg: TuneConfig, pruner: FilterPruner | None, seed: int,
-             on_epoch: Callable[[int, float], None] | None = None) -> TuneResult:
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+             val_labels: torch.Tensor, cfg: TuneConfig, keep: KeepsMask | None, seed: int,
+             on_epoch: Callable[[int, float], None] | None = None, loss_fn: LossFn | None = None,
+             make_optimizer: Callable[[list[nn.Parameter], TuneConfig], torch.optim.Optimizer] | None = None) -> TuneResult:
+    """Train on (pixels, labels); keep the epoch with the lowest clean validation cross-entropy."""
+    if loss_fn is None:
+        def loss_fn(m, x, y):
+            return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (make_optimizer or _sgd)(params, cfg)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.max_epochs)) \
+        if cfg.schedule == "cosine" else None
     gen = torch.Generator().manual_seed(seed)
-    best_loss = mean_loss(model, val_pixels, val_labels)
+    from .prune import accuracy_dropped
+    n_val = max(1, len(val_labels))
+    best, base_correct = val_loss_acc(model, val_pixels, val_labels)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = TuneResult(0, 0, [best_loss])
+    result = TuneResult(0, 0, [best], [base_correct / n_val])
     since_best = 0
     for epoch in range(1, cfg.max_epochs + 1):
         model.train()
@@ -58,17 +105,29 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2 and len(labels) >= 2:  # BatchNorm cannot train on a batch of one
                 continue
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(pixels[idx]), labels[idx]).backward()
-            opt.step()
-            if pruner is not None:
-                pruner.reapply()
-        loss = mean_loss(model, val_pixels, val_labels)
-        result.epochs, result.val_losses = epoch, result.val_losses + [loss]
+            x, y = augment(pixels[idx], cfg.augment, gen), labels[idx]
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model, x, y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            if keep is not None:
+                keep.reapply()
+        if sched is not None:
+            sched.step()
+        loss, correct = val_loss_acc(model, val_pixels, val_labels)
+        result.epochs = epoch
+        result.val_losses, result.val_accs = result.val_losses + [loss], result.val_accs + [correct / n_val]
         if on_epoch:
             on_epoch(epoch, loss)
-        if loss < best_loss:
-            best_loss, since_best, result.best_epoch = loss, 0, epoch
+        if cfg.select == "loss":
+            better = loss < best
+        else:
+            better = not accuracy_dropped(base_correct, correct, n_val, cfg.alpha)
+        if better:
+            best, since_best, result.best_epoch = min(loss, best), 0, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1
@@ -77,3 +136,7 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _sgd(params: list[nn.Parameter], cfg: TuneConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

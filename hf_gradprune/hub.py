@@ -36,8 +36,11 @@ class Classifier(nn.Module):
         self.register_buffer("scale_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / scale, persistent=False)
         self.register_buffer("scale_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) / scale, persistent=False)
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.scale_mean) / self.scale_std
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.scale_mean) / self.scale_std
+        x = self.normalise(x)
         if self.library == "transformers":
             return self.net(pixel_values=x).logits
         return self.net(x)
@@ -252,10 +255,11 @@ def source_card_license(loaded: LoadedModel) -> str | None:
         return None
 
 
-def default_repo_id(model_name: str, token: str | None) -> str:
+def default_repo_id(name: str, token: str | None) -> str:
+    """<user>/<name>, where name is '<model-name>-<method>' (e.g. resnet18-gradprune)."""
     from huggingface_hub import HfApi
     user = HfApi(token=token).whoami()["name"]
-    return f"{user}/{model_name}-gradprune"
+    return f"{user}/{name}"
 
 
 class PushFailed(Exception):

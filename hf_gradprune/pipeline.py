@@ -12,7 +12,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,11 +20,12 @@ from . import __version__
 from .card import render_card
 from .data import FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
-from .finetune import TuneConfig, finetune
+from .finetune import TuneConfig
 from .hub import LoadedModel, load_model, model_name, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
-from .plot import plot_rounds
-from .prune import FilterPruner, PruneConfig, PruneRound, gradient_prune, round_floor
+from .methods import METHODS, BaselineConfig, Defence, defend
+from .progress import ProgressCallback, ProgressEvent
+from .prune import PruneConfig
 from .triggers import TriggerSpec, make_trigger
 
 REPORT_FILE = "gradprune_report.json"
@@ -50,7 +50,9 @@ class JobConfig:
     trigger: TriggerSpec = field(default_factory=TriggerSpec)
     backdoor_data: str | None = None  # the defender's own triggered copies, row-aligned with --data
     target: str = "auto"
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    method: str = "gradprune"  # or a baseline: ft, fp, nad, clp, ftsam, anp (see methods/)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # Grad-Prune; alpha also bounds FP's and ANP's sweeps
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     batch_size: int = 256
     allow_pickle: bool = False
@@ -63,25 +65,13 @@ class JobConfig:
 
 
 @dataclass
-class ProgressEvent:
-    stage: str  # load | data | prune | finetune | evaluate | save | done
-    step: int = 0
-    total: int | None = None
-    message: str = ""
-    values: dict = field(default_factory=dict)
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
-
-
-@dataclass
 class JobResult:
     output_dir: Path
     report: dict
 
 
 def output_dir_for(cfg: JobConfig) -> Path:
-    return Path(cfg.output) if cfg.output else Path(f"./{model_name(cfg.model)}-gradprune")
+    return Path(cfg.output) if cfg.output else Path(f"./{model_name(cfg.model)}-{cfg.method}")
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -214,6 +204,8 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None) -> Prep
 def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     """Remove the backdoor from cfg.model and write the sanitised model, card, report and plot to the output."""
     emit = progress or (lambda event: None)
+    if cfg.method not in METHODS:
+        raise UserError(f"--method {cfg.method}: unknown; choose one of {', '.join(METHODS)}")
     out = output_dir_for(cfg)
     _check_output(out, cfg.overwrite)
     torch.manual_seed(cfg.seed)
@@ -229,29 +221,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size)
     timing["evaluate_before"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    pruner = FilterPruner(model, loaded.net, tensors["train"][:1])
-    emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {pruner.num_filters} filters"))
-
-    def on_round(r: PruneRound) -> None:
-        emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer}[{r.filter}]",
-                           values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss, "val_asr": r.val_asr}))
-    pruned = gradient_prune(model, pruner, tensors["trig_train"], tensors["train_y"], tensors["val"], tensors["trig_val"],
-                            tensors["val_y"], cfg.prune, target, cfg.batch_size, on_round)
-    timing["prune"] = time.perf_counter() - t
-    timing["per_round"] = timing["prune"] / max(1, len(pruned.rounds))
-    if cfg.measure_floor:
-        timing["round_floor"] = round_floor(model, pruner.convs, tensors["trig_train"], tensors["train_y"], tensors["val"],
-                                            tensors["trig_val"], cfg.batch_size)
-
-    t = time.perf_counter()
-    emit(ProgressEvent("finetune", total=cfg.tune.max_epochs, message="fine-tuning on clean + triggered images"))
-    tuned = finetune(model, torch.cat([tensors["train"], tensors["trig_train"]]),
-                     torch.cat([tensors["train_y"], tensors["train_y"]]), tensors["val"], tensors["val_y"], cfg.tune,
-                     pruner, cfg.seed,
-                     lambda e, loss: emit(ProgressEvent("finetune", step=e, total=cfg.tune.max_epochs,
-                                                        values={"val_loss": loss})))
-    timing["finetune"] = time.perf_counter() - t
+    defence = defend(cfg.method, job, cfg, emit)
+    timing.update(defence.timing)
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the sanitised model"))
@@ -260,7 +231,9 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
 
     names = data.class_names or loaded.label_names
     report = {
-        "tool": {"name": "hf-gradprune", "version": __version__, "method": "gradprune"},
+        "tool": {"name": "hf-gradprune", "version": __version__, "method": cfg.method},
+        "method": {"name": cfg.method, "title": METHODS[cfg.method][0], "description": METHODS[cfg.method][1],
+                   "reference": METHODS[cfg.method][2], "summary": defence.summary},
         "source": {"model": cfg.model, "revision": loaded.revision, "library": loaded.library,
                    "preprocessing": loaded.preprocessing},
         "data": {**meta, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
@@ -269,20 +242,21 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         "target": {"index": target, "name": names[target] if names else None, "auto": job.target_auto},
         "before": before.to_dict(),
         "after": after.to_dict(),
-        "pruned": pruned.pruned,
-        "rounds": pruned.kept_rounds,
-        "finetune_epochs": tuned.epochs,
-        "total_filters": pruner.num_filters,
-        "prune": pruned.to_dict(),
-        "finetune": asdict(tuned),
+        "pruned": defence.changed,
+        "rounds": len(defence.changed),
+        "finetune_epochs": defence.tune.epochs if defence.tune else 0,
+        "total_filters": defence.candidates,
+        "prune": defence.details,
+        "finetune": asdict(defence.tune) if defence.tune else None,
         "config": _config_dict(cfg),
-        "command": cfg.command or f"hf-gradprune {cfg.model} --data {cfg.data}",
+        "command": cfg.command or f"hf-gradprune {cfg.model} --data {cfg.data}"
+                                  + ("" if cfg.method == "gradprune" else f" --method {cfg.method}"),
         "timing_s": timing,
     }
     if cfg.repo_id:
         report["push"] = {"repo_id": cfg.repo_id}
     emit(ProgressEvent("save", message=f"writing {out}"))
-    _write_output(out, cfg.overwrite, loaded, pruned, report)
+    _write_output(out, cfg.overwrite, loaded, defence, report)
     report["timing_s"]["total"] = time.perf_counter() - t0
     emit(ProgressEvent("done", values={"before": report["before"], "after": report["after"], "target": target}))
     return JobResult(out, report)
@@ -294,7 +268,7 @@ def _config_dict(cfg: JobConfig) -> dict:
     return d
 
 
-def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, pruned, report: dict) -> None:
+def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defence, report: dict) -> None:
     """Everything goes to a temporary sibling first and is renamed into place at the end: nothing half written."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +276,7 @@ def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, pruned, repor
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         files = save_model(loaded, tmp)
-        plot_rounds(pruned, report["config"]["prune"]["alpha"], tmp / PLOT_FILE)
+        defence.plot(tmp / PLOT_FILE)
         report["files"] = sorted(files + [PLOT_FILE, REPORT_FILE, "README.md"])
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         render_card(report, PLOT_FILE, source_card_license(loaded)).save(tmp / "README.md")

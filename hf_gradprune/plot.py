@@ -38,3 +38,33 @@ def plot_rounds(result: PruneResult, alpha: float, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_curve(path: Path, title: str, xlabel: str, xs: list, series: dict[str, list[float]], ylabel: str = "%",
+               marker: tuple[float, str] | None = None, floor: tuple[float, str] | None = None) -> Path:
+    """A baseline's curve: validation accuracy over its sweep, or validation loss over fine-tuning epochs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for (label, ys), style in zip(series.items(), ("o-", "s-", "^-")):
+        ax.plot(xs, ys, style, label=label, ms=3)
+    if floor:
+        ax.axhline(floor[0], color="tab:blue", ls=":", lw=1, label=floor[1])
+    if marker:
+        ax.axvline(marker[0], color="k", ls="--", lw=1, label=marker[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_tuning(tuned, title: str, path: Path) -> Path:
+    return plot_curve(path, title, "fine-tuning epoch", list(range(len(tuned.val_losses))),
+                      {"val loss (clean)": tuned.val_losses}, ylabel="cross-entropy",
+                      marker=(tuned.best_epoch, f"kept: epoch {tuned.best_epoch}"))

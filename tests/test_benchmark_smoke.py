@@ -1,5 +1,6 @@
 """The benchmark harness end to end on its smoke tier: real training of four backdoored models (built-in digits
-data, no ../shared/data needed), the real defence on each, real metrics, the table and the scatter plot."""
+data, no ../shared/data needed), the real defence on each and the six baselines on one, real metrics, the table
+and the scatter plot."""
 
 import json
 import os
@@ -20,7 +21,8 @@ def test_smoke_tier(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    rows = json.loads((results / "results.json").read_text())
+    every = json.loads((results / "results.json").read_text())
+    rows = [r for r in every if r["method"] == "gradprune"]
     assert sorted(r["attack"] for r in rows) == ["badnet", "blended", "bpp", "lf"]
     for r in rows:
         assert ROW_KEYS <= r.keys() and STAGES <= r["timing_s"].keys()
@@ -29,6 +31,15 @@ def test_smoke_tier(tmp_path):
         assert r["after"]["n_clean"] == r["before"]["n_clean"] > 300  # same test images before and after
         assert r["after"]["acc"] >= r["before"]["acc"] - 0.05
         assert r["rounds"] == len(r["pruned"]) <= r["rounds_tried"]
+
+    # the baselines ran on the same model, draw and test images as Grad-Prune's BadNets row
+    baselines = {r["method"]: r for r in every if r["method"] != "gradprune"}
+    assert sorted(baselines) == ["anp", "clp", "fp", "ft", "ftsam", "nad"]
+    badnet = next(r for r in rows if r["attack"] == "badnet")
+    for r in baselines.values():
+        assert ROW_KEYS <= r.keys() and r["attack"] == "badnet" and r["per_round_over_floor"] is None
+        assert r["before"] == badnet["before"] and r["backdoored_model"] == badnet["backdoored_model"]
+        assert r["rounds"] == len(r["pruned"])
 
     # the three static attacks take hold on digits in 8 epochs, and the defence removes them
     # (BPP's colour squeeze barely changes near-binary digit strokes: its smoke model learns no backdoor)
@@ -39,7 +50,8 @@ def test_smoke_tier(tmp_path):
         assert r["after"]["ra"] > r["before"]["ra"]
 
     table = (results / "table.md").read_text()
-    assert table.count("| digits |") == 4 and "scatter_digits.png" in table
+    assert table.count("| digits |") == 4 + 6 + 1 and "scatter_digits.png" in table  # + the winners row
+    assert "Which method wins where" in table
     assert (results / "scatter_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((cache / "models").iterdir())) == 4
 
@@ -47,7 +59,7 @@ def test_smoke_tier(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch" not in again.stderr
-    assert json.loads((results / "results.json").read_text()) == rows
+    assert json.loads((results / "results.json").read_text()) == every
 
 
 def test_verdict_against_the_paper():

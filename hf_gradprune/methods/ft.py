@@ -1,0 +1,31 @@
+"""FT: fine-tune on the clean few-shot images (BackdoorBench's recipe: SGD lr 0.01 cosine, training augmentation),
+early-stopped on the clean validation split."""
+
+from __future__ import annotations
+
+import time
+
+from ..finetune import finetune
+from ..plot import plot_tuning
+from ..progress import ProgressEvent
+from . import Defence
+
+
+def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer=None, what="fine-tuning on clean images"):
+    """The clean fine-tuning every fine-tuning baseline runs (FT, FP's repair, NAD's teacher and student, FT-SAM)."""
+    t = job.tensors
+    emit(ProgressEvent("finetune", total=tune_cfg.max_epochs, message=what))
+    return finetune(job.loaded.model, t["train"], t["train_y"], t["val"], t["val_y"], tune_cfg, keep, cfg.seed,
+                    lambda e, loss: emit(ProgressEvent("finetune", step=e, total=tune_cfg.max_epochs,
+                                                       values={"val_loss": loss})),
+                    loss_fn=loss_fn, make_optimizer=make_optimizer)
+
+
+def defend(job, cfg, emit) -> Defence:
+    start = time.perf_counter()
+    tune_cfg = cfg.baseline.tune
+    tuned = tune_clean(job, cfg, emit, tune_cfg)
+    summary = (f"No channel was pruned. Fine-tuning on the clean few-shot images (lr {tune_cfg.lr:g}, {tune_cfg.schedule}, "
+               f"augmentation {tune_cfg.augment}) ran {tuned.epochs} epochs (best: epoch {tuned.best_epoch}).")
+    return Defence([], 0, summary, {}, tuned, {"finetune": time.perf_counter() - start},
+                   lambda path: plot_tuning(tuned, "FT: clean fine-tuning", path))

@@ -1,0 +1,22 @@
+"""Progress events: how the one pipeline reports to the CLI (tqdm), the Space (gr.Progress) and the benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class ProgressEvent:
+    stage: str  # load | data | prune | finetune | evaluate | save | done
+    step: int = 0
+    total: int | None = None
+    message: str = ""
+    values: dict = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def no_progress(event: ProgressEvent) -> None:
+    pass
