@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402
 from .finetune import TuneConfig  # noqa: E402
+from .methods import METHODS, BaselineConfig  # noqa: E402
 from .prune import PruneConfig  # noqa: E402
 from .triggers import TriggerSpec  # noqa: E402
 
@@ -14,4 +15,4 @@ def run(*args, **kwargs):
     return _run(*args, **kwargs)
 
 
-__all__ = ["PruneConfig", "TuneConfig", "TriggerSpec", "UserError", "run", "__version__"]
+__all__ = ["BaselineConfig", "METHODS", "PruneConfig", "TuneConfig", "TriggerSpec", "UserError", "run", "__version__"]

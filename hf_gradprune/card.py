@@ -73,4 +73,6 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         seed=cfg["seed"], method_title=method["title"], method_desc=method["description"],
         method_reference=method["reference"], method_summary=method["summary"], changed_kind=_CHANGED_KIND[kind],
         uses_triggered=method["name"] == "gradprune", data_free=method["name"] == "clp",
+        plot_caption="Channels zeroed per conv layer (no data used)" if method["name"] == "clp" else
+        "How the defence went, on the validation split",
         layer_rows=_layer_rows(changed), command=report["command"])
