@@ -82,8 +82,10 @@ def augment(pixels: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tens
 def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_pixels: torch.Tensor,
              val_labels: torch.Tensor, cfg: TuneConfig, keep: KeepsMask | None, seed: int,
              on_epoch: Callable[[int, float], None] | None = None, loss_fn: LossFn | None = None,
-             make_optimizer: Callable[[list[nn.Parameter], TuneConfig], torch.optim.Optimizer] | None = None) -> TuneResult:
-    """Train on (pixels, labels); keep the epoch with the lowest clean validation cross-entropy."""
+             make_optimizer: Callable[[list[nn.Parameter], TuneConfig], torch.optim.Optimizer] | None = None,
+             reference_correct: int | None = None) -> TuneResult:
+    """Train on (pixels, labels) and keep the epoch cfg.select picks. `reference_correct` is the validation count alpha
+    is measured from, when that is not the model as it enters fine-tuning (FP: the model before its pruning)."""
     if loss_fn is None:
         def loss_fn(m, x, y):
             return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
@@ -95,6 +97,8 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     from .prune import accuracy_dropped
     n_val = max(1, len(val_labels))
     best, base_correct = val_loss_acc(model, val_pixels, val_labels)
+    if reference_correct is not None:
+        base_correct = reference_correct
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = TuneResult(0, 0, [best], [base_correct / n_val])
     since_best = 0

@@ -215,3 +215,11 @@ def test_channel_mask_undo_and_reapply():
         p.add_(1.0)
     mask.reapply()
     assert p[:, 2].abs().sum() == 0 and len(mask) == 1
+
+
+def test_fp_fine_tuning_stays_within_alpha_of_the_unpruned_model(baseline_runs):
+    """One alpha for the whole defence: every epoch FP keeps is within alpha of the model BEFORE pruning."""
+    _, report = baseline_runs["fp"]
+    base = report["prune"]["curve"][0]["val_acc"]
+    accs = report["finetune"]["val_accs"]
+    assert base - accs[report["finetune"]["best_epoch"]] <= 0.10 + 1e-9

@@ -51,7 +51,8 @@ def defend(job, cfg, emit) -> Defence:
     mask.undo_to(kept)
     timing = {"prune": time.perf_counter() - start}
     start = time.perf_counter()
-    tuned = tune_clean(job, cfg, emit, cfg.baseline.tune, keep=mask,
+    # alpha is one budget for the whole defence: fine-tuning is held to the model before pruning, not after it
+    tuned = tune_clean(job, cfg, emit, cfg.baseline.tune, keep=mask, reference_correct=base,
                        what="fine-tuning on clean images with the pruned channels kept at zero")
     timing["finetune"] = time.perf_counter() - start
     changed = [{"layer": name, "input_channel": c, "score": float(means[c])} for c in order[:kept]]

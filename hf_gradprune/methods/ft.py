@@ -11,14 +11,15 @@ from ..progress import ProgressEvent
 from . import Defence
 
 
-def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer=None, what="fine-tuning on clean images"):
+def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer=None, what="fine-tuning on clean images",
+               reference_correct=None):
     """The clean fine-tuning every fine-tuning baseline runs (FT, FP's repair, NAD's teacher and student, FT-SAM)."""
     t = job.tensors
     emit(ProgressEvent("finetune", total=tune_cfg.max_epochs, message=what))
     return finetune(job.loaded.model, t["train"], t["train_y"], t["val"], t["val_y"], tune_cfg, keep, cfg.seed,
                     lambda e, loss: emit(ProgressEvent("finetune", step=e, total=tune_cfg.max_epochs,
                                                        values={"val_loss": loss})),
-                    loss_fn=loss_fn, make_optimizer=make_optimizer)
+                    loss_fn=loss_fn, make_optimizer=make_optimizer, reference_correct=reference_correct)
 
 
 def defend(job, cfg, emit) -> Defence:
