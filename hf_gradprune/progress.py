@@ -16,7 +16,3 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
-
-
-def no_progress(event: ProgressEvent) -> None:
-    pass

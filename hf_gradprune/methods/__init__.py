@@ -76,9 +76,7 @@ class Defence:
 
 
 def defend(method: str, job: "Prepared", cfg: "JobConfig", emit: ProgressCallback) -> Defence:
-    if method not in METHODS:
-        from ..errors import UserError
-        raise UserError(f"--method {method}: unknown; choose one of {', '.join(METHODS)}")
+    """Run one defence; `pipeline.run` has already checked the name, before anything was loaded."""
     return importlib.import_module(f".{method}", __name__).defend(job, cfg, emit)
 
 

@@ -27,9 +27,8 @@ from .fp import val_correct
 class Perturbation:
     """Per-channel mask m and noises (d, x) on a norm's affine output: y = (w (m + d)) x_hat + b (1 + x)."""
 
-    def __init__(self, norm, eps: float):
+    def __init__(self, norm):
         c, dev = norm.num_features, norm.weight.device
-        self.norm, self.eps = norm, eps
         self.mask = torch.ones(c, device=dev, requires_grad=True)
         self.noise_w = torch.zeros(c, device=dev, requires_grad=True)
         self.noise_b = torch.zeros(c, device=dev, requires_grad=True)
@@ -48,7 +47,7 @@ def defend(job, cfg, emit) -> Defence:
     b, model, t = cfg.baseline, job.loaded.model, job.tensors
     norms = batch_norms(job.loaded, "anp")
     start = time.perf_counter()
-    perts = [Perturbation(n, b.anp_eps) for _, n in norms]
+    perts = [Perturbation(n) for _, n in norms]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
