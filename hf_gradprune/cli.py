@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from dataclasses import replace
@@ -92,8 +93,11 @@ def _main_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("safety and runtime")
     g.add_argument("--allow-pickle", action="store_true", help="load pickle weights (pytorch_model.bin): runs code")
     g.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code")
-    g.add_argument("--batch-size", type=int, default=256, help="batch size for scoring and evaluation")
-    g.add_argument("--device", help="torch device (default: accelerate's choice)")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="batch size for scoring and evaluation; also the unit of work shared out to processes")
+    g.add_argument("--device", help="torch device for a single process (default: accelerate's choice)")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="fine-tuning precision (default: accelerate's config, else no); scoring stays fp32")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -240,7 +244,7 @@ def main_job(argv: list[str]) -> int:
                                             anp_iters=args.anp_iters, anp_eps=args.anp_eps),
                     batch_size=args.batch_size, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
-                    command=redacted_command(argv))
+                    mixed_precision=args.mixed_precision, command=redacted_command(argv))
     _check_numbers(args)
     if args.push:  # before the long run: a missing login should not cost the user the whole defence
         cfg.repo_id = _resolve_repo_id(args.repo_id, f"{model_name(args.model)}-{args.method}", args.token)
@@ -250,6 +254,8 @@ def main_job(argv: list[str]) -> int:
     finally:
         if progress:
             progress.close()
+    if not result.is_main:  # `accelerate launch`: the main process reports and pushes
+        return 0
     print(_summary(result.report, result.output_dir))
     if args.push:
         return _push(result.output_dir, cfg.repo_id, args.token, args.private, args.create_pr)
@@ -336,12 +342,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             code = main_job(argv)
     except UserError as e:
-        print(f"hf-gradprune: error: {e}", file=sys.stderr)
+        print(f"hf-gradprune: error{_process_tag()}: {e}", file=sys.stderr)
         code = EXIT_USER
     except KeyboardInterrupt:
         print("hf-gradprune: interrupted before the output was complete; nothing was written to it", file=sys.stderr)
         code = 130
     return code
+
+
+def _process_tag() -> str:
+    """Under `accelerate launch` each process says who it is, so an error on one of them is not a mystery."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
 
 
 def entry() -> None:

@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .parallel import SINGLE, Procs, synced_batch_norm
+from .prune import accuracy_dropped
+
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 
 
@@ -51,14 +54,15 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def val_loss_acc(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> tuple[float, int]:
+def val_loss_acc(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                 procs: Procs = SINGLE) -> tuple[float, int]:
     """Mean cross-entropy and correct count, read back in one host sync."""
     model.eval()
-    total = torch.zeros(2, device=labels.device)
-    for start in range(0, len(labels), batch_size):
-        logits, y = model(pixels[start:start + batch_size]), labels[start:start + batch_size]
-        total += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum().float()])
-    loss, correct = total.tolist()
+
+    def chunk(start: int, end: int) -> torch.Tensor:
+        logits, y = model(pixels[start:end]), labels[start:end]
+        return torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum().float()])
+    loss, correct = procs.chunk_sums(len(labels), batch_size, 2, chunk)
     return loss / max(1, len(labels)), int(correct)
 
 
@@ -83,63 +87,94 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
              val_labels: torch.Tensor, cfg: TuneConfig, keep: KeepsMask | None, seed: int,
              on_epoch: Callable[[int, float], None] | None = None, loss_fn: LossFn | None = None,
              make_optimizer: Callable[[list[nn.Parameter], TuneConfig], torch.optim.Optimizer] | None = None,
-             reference_correct: int | None = None) -> TuneResult:
+             reference_correct: int | None = None, procs: Procs = SINGLE) -> TuneResult:
     """Train on (pixels, labels) and keep the epoch cfg.select picks. `reference_correct` is the validation count alpha
-    is measured from, when that is not the model as it enters fine-tuning (FP: the model before its pruning)."""
+    is measured from, when that is not the model as it enters fine-tuning (FP: the model before its pruning).
+
+    On N processes every process draws the same global batches and augmentations and trains on its contiguous part
+    of each (data-parallel through `accelerator.prepare`, batch norm over the global batch); the loss is scaled so
+    that the averaged gradient is the global batch's mean, as on one process."""
     if loss_fn is None:
         def loss_fn(m, x, y):
             return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (make_optimizer or _sgd)(params, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.max_epochs)) \
-        if cfg.schedule == "cosine" else None
+        if cfg.schedule == "cosine" else None  # stepped by hand once per epoch, on the unwrapped optimiser
     gen = torch.Generator().manual_seed(seed)
-    from .prune import accuracy_dropped
     n_val = max(1, len(val_labels))
-    best, base_correct = val_loss_acc(model, val_pixels, val_labels)
+    best, base_correct = val_loss_acc(model, val_pixels, val_labels, procs=procs)
     if reference_correct is not None:
         base_correct = reference_correct
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = TuneResult(0, 0, [best], [base_correct / n_val])
     since_best = 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        model.train()
-        order = torch.randperm(len(labels), generator=gen).to(labels.device)
-        for start in range(0, len(labels), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            if len(idx) < 2 and len(labels) >= 2:  # BatchNorm cannot train on a batch of one
-                continue
-            x, y = augment(pixels[idx], cfg.augment, gen), labels[idx]
+    train_model, train_opt = _prepare(model, opt, procs)
+    smallest = max(2, procs.world)  # BatchNorm cannot train on one image; every process needs one
+    with synced_batch_norm(model, procs):
+        for epoch in range(1, cfg.max_epochs + 1):
+            train_model.train()
+            order = torch.randperm(len(labels), generator=gen).to(labels.device)
+            for start in range(0, len(labels), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                if len(idx) < smallest and len(labels) >= smallest:
+                    continue
+                x, y = augment(pixels[idx], cfg.augment, gen), labels[idx]  # the global batch, on every process
+                part = procs.shard(len(idx))
+                x, y, scale = x[part], y[part], len(y[part]) * procs.world / len(idx)
 
-            def closure():
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model, x, y)
-                loss.backward()
-                return loss
-            opt.step(closure)
-            if keep is not None:
-                keep.reapply()
-        if sched is not None:
-            sched.step()
-        loss, correct = val_loss_acc(model, val_pixels, val_labels)
-        result.epochs = epoch
-        result.val_losses, result.val_accs = result.val_losses + [loss], result.val_accs + [correct / n_val]
-        if on_epoch:
-            on_epoch(epoch, loss)
-        if cfg.select == "loss":
-            better = loss < best
-        else:
-            better = not accuracy_dropped(base_correct, correct, n_val, cfg.alpha)
-        if better:
-            best, since_best, result.best_epoch = min(loss, best), 0, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-            if since_best >= cfg.patience:
-                break
+                def closure():
+                    train_opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(train_model, x, y)
+                    _backward(loss * scale if scale != 1 else loss, procs)
+                    return loss
+                train_opt.step(closure)
+                if keep is not None:
+                    keep.reapply()
+            if sched is not None:
+                sched.step()
+            loss, correct = val_loss_acc(model, val_pixels, val_labels, procs=procs)
+            result.epochs = epoch
+            result.val_losses, result.val_accs = result.val_losses + [loss], result.val_accs + [correct / n_val]
+            if on_epoch:
+                on_epoch(epoch, loss)
+            if cfg.select == "loss":
+                better = loss < best
+            else:
+                better = not accuracy_dropped(base_correct, correct, n_val, cfg.alpha)
+            if better:
+                best, since_best, result.best_epoch = min(loss, best), 0, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+                if since_best >= cfg.patience:
+                    break
+    _release(model, procs)
     model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _prepare(model: nn.Module, opt: torch.optim.Optimizer, procs: Procs):
+    """DDP and mixed precision come from accelerate; one plain process trains the model as it is."""
+    if procs.accelerator is None or (procs.world == 1 and procs.mixed_precision == "no"):
+        return model, opt
+    return procs.accelerator.prepare(model, opt)
+
+
+def _backward(loss: torch.Tensor, procs: Procs) -> None:
+    if procs.accelerator is None or (procs.world == 1 and procs.mixed_precision == "no"):
+        loss.backward()
+    else:
+        procs.accelerator.backward(loss)
+
+
+def _release(model: nn.Module, procs: Procs) -> None:
+    """Drop the DDP wrapper and the mixed-precision forward, so that evaluation and saving see the plain model."""
+    if procs.accelerator is None or (procs.world == 1 and procs.mixed_precision == "no"):
+        return
+    procs.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    procs.accelerator.free_memory()
 
 
 def _sgd(params: list[nn.Parameter], cfg: TuneConfig) -> torch.optim.Optimizer:

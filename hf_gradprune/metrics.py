@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from .parallel import SINGLE, Procs
+
 
 @dataclass
 class AttackMetrics:
@@ -31,14 +33,20 @@ def predict(model: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> to
         if len(pixels) else torch.zeros(0, dtype=torch.long, device=pixels.device)
 
 
+@torch.no_grad()
 def attack_metrics(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor,
-                   target: int, batch_size: int = 256) -> AttackMetrics:
-    clean_pred = predict(model, clean, batch_size)
-    keep = labels != target
-    trig_pred = predict(model, triggered[keep], batch_size)
-    correct, hits, robust = torch.stack([(clean_pred == labels).sum(), (trig_pred == target).sum(),
-                                         (trig_pred == labels[keep]).sum()]).tolist()  # one host sync
-    n = int(keep.sum())
+                   target: int, batch_size: int = 256, procs: Procs = SINGLE) -> AttackMetrics:
+    """Each process counts its chunks of the test set; the counts are summed (every image counted exactly once)."""
+    model.eval()
+
+    def chunk(start: int, end: int) -> torch.Tensor:
+        y = labels[start:end]
+        keep = y != target
+        trig_pred = model(triggered[start:end][keep]).argmax(1) if keep.any() else y[keep]
+        return torch.stack([(model(clean[start:end]).argmax(1) == y).sum(), (trig_pred == target).sum(),
+                            (trig_pred == y[keep]).sum()])
+    correct, hits, robust = (int(v) for v in procs.chunk_sums(len(labels), batch_size, 3, chunk))  # one host sync
+    n = int((labels != target).sum())
     acc, asr, ra = correct / max(1, len(labels)), hits / max(1, n), robust / max(1, n)
     return AttackMetrics(acc, asr, ra, len(labels), n)
 

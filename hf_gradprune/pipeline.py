@@ -24,6 +24,7 @@ from .finetune import TuneConfig
 from .hub import LoadedModel, load_model, model_name, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
 from .methods import METHODS, BaselineConfig, Defence, defend
+from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .prune import PruneConfig
 from .triggers import TriggerSpec, make_trigger
@@ -58,7 +59,8 @@ class JobConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     overwrite: bool = False
-    device: str | None = None  # default: accelerate's choice (GPU when there is one)
+    device: str | None = None  # default: accelerate's choice (GPU when there is one); one process only
+    mixed_precision: str | None = None  # "no" | "fp16" | "bf16" for fine-tuning; default: accelerate's config
     repo_id: str | None = None  # where the card says the model lives, when it is pushed
     command: str | None = None  # the command as typed, token removed, for the card
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
@@ -68,6 +70,7 @@ class JobConfig:
 class JobResult:
     output_dir: Path
     report: dict
+    is_main: bool = True  # False on the other processes of an `accelerate launch` job: they print and push nothing
 
 
 def output_dir_for(cfg: JobConfig) -> Path:
@@ -77,13 +80,6 @@ def output_dir_for(cfg: JobConfig) -> Path:
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"--output {out}: already exists and is not empty; pass --overwrite or choose another folder")
-
-
-def _device(cfg: JobConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    from accelerate import PartialState
-    return PartialState().device
 
 
 def _resolve_target(spec: str, loaded: LoadedModel, class_names: list[str] | None) -> int | None:
@@ -172,24 +168,29 @@ class Prepared:
     target: int
     target_auto: bool
     trigger: str
+    procs: Procs = field(default_factory=Procs)  # this process's share of an `accelerate launch` job
 
 
-def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None) -> Prepared:
-    """Load the model, draw the few-shot data, stamp the trigger, move everything to the device, pick the target."""
+def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: Procs | None = None) -> Prepared:
+    """Load the model, draw the few-shot data, stamp the trigger, move everything to the device, pick the target.
+
+    Every process holds the whole few-shot data (it is small) and takes its chunks of the work from it."""
+    procs = procs or start(cfg.device, cfg.mixed_precision)
     emit(ProgressEvent("load", message=f"loading {cfg.model}"))
-    loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
+    with procs.main_first():
+        loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
     model = loaded.model
     emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data}"))
-    data, meta = _load_data(cfg, loaded)
+    with procs.main_first():
+        data, meta = _load_data(cfg, loaded)
     trig_train, trig_val, trig_test, trigger_desc = _triggered_copies(cfg, loaded, data, meta)
     if torch.equal(trig_train.pixels, data.train.pixels):
         raise UserError("the trigger changes no pixel of the few-shot images at the model's input size "
                         f"{loaded.input_size}; check --trigger-image / --trigger-mask (an additive trigger is in pixel units)")
     target = _resolve_target(cfg.target, loaded, data.class_names)
 
-    device = _device(cfg)
-    model.to(device)
-    tensors = {k: v.to(device) for k, v in {
+    model.to(procs.device)
+    tensors = {k: v.to(procs.device) for k, v in {
         "train": data.train.pixels, "train_y": data.train.labels, "trig_train": trig_train.pixels,
         "val": data.val.pixels, "val_y": data.val.labels, "trig_val": trig_val.pixels,
         "test": data.test.pixels, "test_y": data.test.labels, "trig_test": trig_test.pixels}.items()}
@@ -198,27 +199,35 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None) -> Prep
         few_shot = torch.cat([tensors["trig_train"], tensors["trig_val"]])
         target = pick_target(predict(model, few_shot, cfg.batch_size), torch.cat([tensors["train_y"], tensors["val_y"]]),
                              loaded.num_classes)
-    return Prepared(loaded, data, meta, tensors, target, target_auto, trigger_desc)
+    return Prepared(loaded, data, meta, tensors, target, target_auto, trigger_desc, procs)
 
 
 def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
-    """Remove the backdoor from cfg.model and write the sanitised model, card, report and plot to the output."""
-    emit = progress or (lambda event: None)
+    """Remove the backdoor from cfg.model and write the sanitised model, card, report and plot to the output.
+
+    Under `accelerate launch` every process runs this; only the main one reports progress and writes the output."""
     if cfg.method not in METHODS:
         raise UserError(f"--method {cfg.method}: unknown; choose one of {', '.join(METHODS)}")
+    if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise UserError(f"--mixed-precision {cfg.mixed_precision}: choose no, fp16 or bf16")
+    if cfg.mixed_precision == "fp16" and cfg.method == "ftsam":
+        raise UserError("--mixed-precision fp16: FT-SAM's two-step optimiser cannot run under a gradient scaler; "
+                        "use bf16 or no")
     out = output_dir_for(cfg)
     _check_output(out, cfg.overwrite)
+    procs = start(cfg.device, cfg.mixed_precision)
+    emit = (progress or (lambda event: None)) if procs.is_main else (lambda event: None)
     torch.manual_seed(cfg.seed)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    job = prepare(cfg, emit)
+    job = prepare(cfg, emit, procs)
     loaded, data, meta, tensors, target = job.loaded, job.data, job.meta, job.tensors, job.target
     model = loaded.model
     timing["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the model before the defence"))
-    before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size)
+    before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size, procs)
     timing["evaluate_before"] = time.perf_counter() - t
 
     defence = defend(cfg.method, job, cfg, emit)
@@ -226,7 +235,7 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the sanitised model"))
-    after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size)
+    after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size, procs)
     timing["evaluate_after"] = time.perf_counter() - t
 
     names = data.class_names or loaded.label_names
@@ -252,14 +261,17 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         "command": cfg.command or f"hf-gradprune {cfg.model} --data {cfg.data}"
                                   + ("" if cfg.method == "gradprune" else f" --method {cfg.method}"),
         "timing_s": timing,
+        "processes": {"count": procs.world, "device": procs.device.type, "mixed_precision": procs.mixed_precision},
     }
     if cfg.repo_id:
         report["push"] = {"repo_id": cfg.repo_id}
     emit(ProgressEvent("save", message=f"writing {out}"))
-    _write_output(out, cfg.overwrite, loaded, defence, report)
+    if procs.is_main:
+        _write_output(out, cfg.overwrite, loaded, defence, report)
+    procs.wait()  # the others leave once the output is complete
     report["timing_s"]["total"] = time.perf_counter() - t0
     emit(ProgressEvent("done", values={"before": report["before"], "after": report["after"], "target": target}))
-    return JobResult(out, report)
+    return JobResult(out, report, procs.is_main)
 
 
 def _config_dict(cfg: JobConfig) -> dict:

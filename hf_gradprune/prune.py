@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .parallel import SINGLE, Procs
+
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -158,11 +160,13 @@ class FilterPruner:
 
 
 def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggered: torch.Tensor,
-                  labels: torch.Tensor, batch_size: int, score: str = "grad", normalise: str = "none") -> torch.Tensor:
+                  labels: torch.Tensor, batch_size: int, score: str = "grad", normalise: str = "none",
+                  procs: Procs = SINGLE) -> torch.Tensor:
     """Paper Eq. 3: mean |d unlearning_loss / d W_l[i]| over each filter's weights, all layers concatenated.
 
-    The loss is summed over the whole training split; the model stays in eval mode (no BN updates) and only
-    conv weights take gradients. `score` and `normalise` select the opt-in variants of PruneConfig."""
+    The loss is summed over the whole training split (each process back-propagates its chunks; the gradients are
+    summed across processes before scoring); the model stays in eval mode (no BN updates) and only conv weights
+    take gradients. `score` and `normalise` select the opt-in variants of PruneConfig."""
     conv_weights = {id(c.weight) for _, c in convs}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -171,12 +175,15 @@ def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggere
     for _, c in convs:
         c.weight.grad = None
     try:
-        for start in range(0, len(labels), batch_size):
-            logits = model(triggered[start:start + batch_size])
-            F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum").backward()
+        for _, start, end in procs.chunks(len(labels), batch_size):
+            F.cross_entropy(model(triggered[start:end]), labels[start:end], reduction="sum").backward()
+        grads = [c.weight.grad if c.weight.grad is not None else torch.zeros_like(c.weight) for _, c in convs]
+        if procs.world > 1:
+            flat = procs.all_sum(torch.cat([g.flatten() for g in grads]))
+            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
         per_layer = []
-        for _, c in convs:
-            g = c.weight.grad * c.weight.detach() if score == "grad_x_weight" else c.weight.grad
+        for (_, c), grad in zip(convs, grads):
+            g = grad * c.weight.detach() if score == "grad_x_weight" else grad
             s = g.abs().flatten(1).mean(1)
             if normalise == "layer":
                 s = s / s.mean().clamp_min(torch.finfo(s.dtype).tiny)
@@ -191,23 +198,20 @@ def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggere
 
 @torch.no_grad()
 def val_stats(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor,
-              target: int | None, batch_size: int) -> tuple[int, float, float | None]:
+              target: int | None, batch_size: int, procs: Procs = SINGLE) -> tuple[int, float, float | None]:
     """Correct clean predictions, mean unlearning loss on triggered images, ASR on triggered non-target images.
 
-    One host synchronisation: everything is summed on the device and read back together."""
+    One host synchronisation: every chunk's numbers are gathered in one table and read back together."""
     model.eval()
-    correct = torch.zeros((), device=labels.device)
-    loss = torch.zeros((), device=labels.device)
-    hits = torch.zeros((), device=labels.device)
-    for start in range(0, len(labels), batch_size):
-        y = labels[start:start + batch_size]
-        both = model(torch.cat([clean[start:start + batch_size], triggered[start:start + batch_size]]))
+
+    def chunk(start: int, end: int) -> torch.Tensor:
+        y = labels[start:end]
+        both = model(torch.cat([clean[start:end], triggered[start:end]]))
         c_logits, t_logits = both[: len(y)], both[len(y):]
-        correct += (c_logits.argmax(1) == y).sum()
-        loss += F.cross_entropy(t_logits, y, reduction="sum")
-        if target is not None:
-            hits += ((t_logits.argmax(1) == target) & (y != target)).sum()
-    correct, loss, hits = torch.stack([correct, loss, hits]).tolist()
+        hits = ((t_logits.argmax(1) == target) & (y != target)).sum() if target is not None else torch.zeros((), device=y.device)
+        return torch.stack([(c_logits.argmax(1) == y).sum().float(), F.cross_entropy(t_logits, y, reduction="sum"),
+                            hits.float()])
+    correct, loss, hits = procs.chunk_sums(len(labels), batch_size, 3, chunk)
     n_non_target = int((labels != target).sum()) if target is not None else 0
     asr = hits / n_non_target if n_non_target else None
     return int(correct), loss / max(1, len(labels)), asr
@@ -222,24 +226,26 @@ def accuracy_dropped(base_correct: int, correct: int, n_val: int, alpha: float) 
 def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torch.Tensor, train_labels: torch.Tensor,
                    val_clean: torch.Tensor, val_triggered: torch.Tensor, val_labels: torch.Tensor,
                    cfg: PruneConfig, target: int | None, batch_size: int,
-                   on_round: Callable[[PruneRound], None] | None = None) -> PruneResult:
+                   on_round: Callable[[PruneRound], None] | None = None, procs: Procs = SINGLE) -> PruneResult:
     """Prune round after round until val accuracy drops by more than alpha or the val unlearning loss has not
     strictly improved for Pp rounds; then keep the best round by val unlearning loss within alpha."""
     n_val = len(val_labels)
-    base_correct, base_loss, base_asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size)
+    base_correct, base_loss, base_asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size, procs)
     result = PruneResult(0, "max_rounds", base_correct / n_val, base_loss, base_asr)
     best_loss, since_best = base_loss, 0
     for r in range(1, cfg.max_rounds + 1):
-        scores = filter_scores(model, pruner.convs, train_triggered, train_labels, batch_size, cfg.score, cfg.normalise)
+        scores = filter_scores(model, pruner.convs, train_triggered, train_labels, batch_size, cfg.score, cfg.normalise,
+                               procs)
         scores = scores.masked_fill(pruner.pruned_mask(scores.device), float("-inf"))
         best = scores.max(0)
         flat, score = int(best.indices), float(best.values)
+        procs.agree(flat, f"the filter to prune in round {r}")
         if score == float("-inf"):
             result.stop_reason = "no_filters_left"
             break
         conv_idx, f = pruner.locate(flat)
         pruner.prune(conv_idx, f)
-        correct, loss, asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size)
+        correct, loss, asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size, procs)
         rnd = PruneRound(r, pruner.convs[conv_idx][0], f, score, correct / n_val, loss, asr)
         result.rounds.append(rnd)
         if on_round:
@@ -254,6 +260,7 @@ def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torc
             if since_best >= cfg.patience:
                 result.stop_reason = "patience"
                 break
+    procs.agree((result.stop_reason, len(result.rounds), result.kept_rounds), "where pruning stopped and which round it kept")
     while len(pruner.pruned) > result.kept_rounds:
         pruner.undo_last()
     return result

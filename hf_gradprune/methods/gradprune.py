@@ -24,7 +24,7 @@ def defend(job, cfg, emit) -> Defence:
         emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer}[{r.filter}]",
                            values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss, "val_asr": r.val_asr}))
     pruned = gradient_prune(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], t["val_y"],
-                            cfg.prune, job.target, cfg.batch_size, on_round)
+                            cfg.prune, job.target, cfg.batch_size, on_round, job.procs)
     timing["prune"] = time.perf_counter() - start
     timing["per_round"] = timing["prune"] / max(1, len(pruned.rounds))
     if cfg.measure_floor:
@@ -35,7 +35,7 @@ def defend(job, cfg, emit) -> Defence:
     tuned = finetune(model, torch.cat([t["train"], t["trig_train"]]), torch.cat([t["train_y"], t["train_y"]]),
                      t["val"], t["val_y"], cfg.tune, pruner, cfg.seed,
                      lambda e, loss: emit(ProgressEvent("finetune", step=e, total=cfg.tune.max_epochs,
-                                                        values={"val_loss": loss})))
+                                                        values={"val_loss": loss})), procs=job.procs)
     timing["finetune"] = time.perf_counter() - start
     layers = len({p["layer"] for p in pruned.pruned})
     summary = (f"{len(pruned.pruned)} filters in {layers} conv layers (of {pruner.num_filters} filters), chosen one per "
