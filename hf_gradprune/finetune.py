@@ -157,21 +157,19 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
 
 def _prepare(model: nn.Module, opt: torch.optim.Optimizer, procs: Procs):
     """DDP and mixed precision come from accelerate; one plain process trains the model as it is."""
-    if procs.accelerator is None or (procs.world == 1 and procs.mixed_precision == "no"):
-        return model, opt
-    return procs.accelerator.prepare(model, opt)
+    return procs.accelerator.prepare(model, opt) if procs.wraps else (model, opt)
 
 
 def _backward(loss: torch.Tensor, procs: Procs) -> None:
-    if procs.accelerator is None or (procs.world == 1 and procs.mixed_precision == "no"):
-        loss.backward()
-    else:
+    if procs.wraps:
         procs.accelerator.backward(loss)
+    else:
+        loss.backward()
 
 
 def _release(model: nn.Module, procs: Procs) -> None:
     """Drop the DDP wrapper and the mixed-precision forward, so that evaluation and saving see the plain model."""
-    if procs.accelerator is None or (procs.world == 1 and procs.mixed_precision == "no"):
+    if not procs.wraps:
         return
     procs.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     procs.accelerator.free_memory()

@@ -37,6 +37,11 @@ class Procs:
     def mixed_precision(self) -> str:
         return getattr(self.accelerator, "mixed_precision", "no") if self.accelerator is not None else "no"
 
+    @property
+    def wraps(self) -> bool:
+        """Whether training goes through accelerate (DDP and / or mixed precision); one plain process trains as is."""
+        return self.accelerator is not None and (self.world > 1 or self.mixed_precision != "no")
+
     def chunks(self, n: int, size: int) -> list[tuple[int, int, int]]:
         """This process's (chunk index, start, end) over rows 0..n in chunks of `size`."""
         return [(i, s, min(n, s + size)) for i, s in enumerate(range(0, n, size)) if i % self.world == self.rank]

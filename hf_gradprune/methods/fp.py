@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import time
 
+from ..finetune import val_loss_acc
 from ..layers import classifier_input_means, classifier_layer
 from ..masks import ChannelMask
-from ..metrics import predict
 from ..plot import plot_curve
 from ..progress import ProgressEvent
 from ..prune import accuracy_dropped
@@ -22,7 +22,7 @@ from .ft import tune_clean
 
 def val_correct(model, job, batch_size: int) -> int:
     t = job.tensors
-    return int((predict(model, t["val"], batch_size) == t["val_y"]).sum())
+    return val_loss_acc(model, t["val"], t["val_y"], batch_size, job.procs)[1]
 
 
 def defend(job, cfg, emit) -> Defence:
