@@ -12,6 +12,7 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import UserError
@@ -21,11 +22,14 @@ from .hub import model_name
 from .prune import NORMALISATIONS, SCORES, PruneConfig
 from .triggers import TRIGGER_KINDS, TriggerSpec
 
+if TYPE_CHECKING:
+    from .pipeline import JobConfig
+
 EXIT_USER, EXIT_PUSH = 2, 3
 
 
-def _main_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = cls(
         prog="hf-gradprune",
         description="Remove a backdoor from a timm / transformers CNN by gradient-based filter pruning + fine-tuning "
                     "(Dunnett et al., 2024). Other commands: 'hf-gradprune demo' (offline demo), "
@@ -224,11 +228,18 @@ def _resolve_repo_id(repo_id: str | None, model_name: str, token: str | None) ->
                         "set HF_TOKEN, or give --repo-id") from None
 
 
-def main_job(argv: list[str]) -> int:
-    args = _main_parser().parse_args(argv)
-    from .pipeline import JobConfig, run
-    if args.quiet:
-        _quiet_libraries()
+class _RaisingParser(argparse.ArgumentParser):
+    """For callers that are not a terminal (the Space): a bad flag is a UserError, not a usage dump + exit."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def job_config(argv: list[str], raising: bool = False) -> tuple["JobConfig", argparse.Namespace]:
+    """The command line -> the pipeline's JobConfig, with every check the CLI makes (the Space builds an argv too,
+    so both give the same job and the same error messages)."""
+    from .pipeline import JobConfig
+    args = _main_parser(_RaisingParser if raising else argparse.ArgumentParser).parse_args(argv)
     trigger = TriggerSpec(args.trigger, args.trigger_image, args.trigger_mask, args.blend_alpha, args.bpp_levels)
     cfg = JobConfig(model=args.model, data=args.data, output=args.output, revision=args.revision,
                     data_revision=args.data_revision, split=args.split, eval_split=args.eval_split,
@@ -246,6 +257,14 @@ def main_job(argv: list[str]) -> int:
                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
                     mixed_precision=args.mixed_precision, command=redacted_command(argv))
     _check_numbers(args)
+    return cfg, args
+
+
+def main_job(argv: list[str]) -> int:
+    cfg, args = job_config(argv)
+    from .pipeline import run
+    if args.quiet:
+        _quiet_libraries()
     if args.push:  # before the long run: a missing login should not cost the user the whole defence
         cfg.repo_id = _resolve_repo_id(args.repo_id, f"{model_name(args.model)}-{args.method}", args.token)
     progress = None if args.quiet else TqdmProgress()

@@ -63,6 +63,8 @@ class JobConfig:
     mixed_precision: str | None = None  # "no" | "fp16" | "bf16" for fine-tuning; default: accelerate's config
     repo_id: str | None = None  # where the card says the model lives, when it is pushed
     command: str | None = None  # the command as typed, token removed, for the card
+    model_label: str | None = None  # what the card and report call the model / data (the Space: the upload's name,
+    data_label: str | None = None  # not its temporary path); default: as given
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
 
 
@@ -71,6 +73,15 @@ class JobResult:
     output_dir: Path
     report: dict
     is_main: bool = True  # False on the other processes of an `accelerate launch` job: they print and push nothing
+    samples: dict[str, np.ndarray] | None = None  # uint8 (K, 3, H, W) "clean" / "triggered" pixels of report["preview"]
+
+
+PREVIEW_SAMPLES = 4
+
+
+def _preview_rows(labels: torch.Tensor, target: int, k: int = PREVIEW_SAMPLES) -> list[int]:
+    """The first k test images that are not of the target class: where a backdoor shows (and then does not)."""
+    return torch.nonzero(labels != target).flatten()[:k].tolist()
 
 
 def output_dir_for(cfg: JobConfig) -> Path:
@@ -126,7 +137,7 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel) -> tuple[FewShot, dict]:
                    decode(pool, val_idx, image_col, label_col, loaded.to_pixels),
                    decode(test_split, test_idx, image_col, label_col, loaded.to_pixels),
                    train_idx, val_idx, test_idx, class_names, eval_name)
-    meta = {"dataset": cfg.data, "split": cfg.split, "test_split": eval_name, "image_column": image_col,
+    meta = {"dataset": cfg.data_label or cfg.data, "split": cfg.split, "test_split": eval_name, "image_column": image_col,
             "label_column": label_col, "class_names": class_names}
     return data, meta
 
@@ -176,11 +187,11 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
 
     Every process holds the whole few-shot data (it is small) and takes its chunks of the work from it."""
     procs = procs or start(cfg.device, cfg.mixed_precision)
-    emit(ProgressEvent("load", message=f"loading {cfg.model}"))
+    emit(ProgressEvent("load", message=f"loading {cfg.model_label or cfg.model}"))
     with procs.main_first():
         loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
     model = loaded.model
-    emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data}"))
+    emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data_label or cfg.data}"))
     with procs.main_first():
         data, meta = _load_data(cfg, loaded)
     trig_train, trig_val, trig_test, trigger_desc = _triggered_copies(cfg, loaded, data, meta)
@@ -229,6 +240,9 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     emit(ProgressEvent("evaluate", message="measuring the model before the defence"))
     before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size, procs)
     timing["evaluate_before"] = time.perf_counter() - t
+    shown = _preview_rows(tensors["test_y"], target)
+    preview_px = {"clean": tensors["test"][shown], "triggered": tensors["trig_test"][shown]}
+    preview_before = {k: predict(model, v, cfg.batch_size).tolist() for k, v in preview_px.items()}
 
     defence = defend(cfg.method, job, cfg, emit)
     timing.update(defence.timing)
@@ -237,13 +251,14 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     emit(ProgressEvent("evaluate", message="measuring the sanitised model"))
     after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size, procs)
     timing["evaluate_after"] = time.perf_counter() - t
+    preview_after = {k: predict(model, v, cfg.batch_size).tolist() for k, v in preview_px.items()}
 
     names = data.class_names or loaded.label_names
     report = {
         "tool": {"name": "hf-gradprune", "version": __version__, "method": cfg.method},
         "method": {"name": cfg.method, "title": METHODS[cfg.method][0], "description": METHODS[cfg.method][1],
                    "reference": METHODS[cfg.method][2], "summary": defence.summary},
-        "source": {"model": cfg.model, "revision": loaded.revision, "library": loaded.library,
+        "source": {"model": cfg.model_label or cfg.model, "revision": loaded.revision, "library": loaded.library,
                    "preprocessing": loaded.preprocessing},
         "data": {**meta, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
                  "input_size": list(loaded.input_size), "train_rows": data.train_idx, "val_rows": data.val_idx},
@@ -252,6 +267,10 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         "before": before.to_dict(),
         "after": after.to_dict(),
         "pruned": defence.changed,
+        "preview": [{"test_row": data.test_idx[i], "label": int(tensors["test_y"][i]),
+                     **{f"{k}_{when}": p[k][j] for k in preview_px for when, p in (("before", preview_before),
+                                                                                   ("after", preview_after))}}
+                    for j, i in enumerate(shown)],
         "rounds": len(defence.changed),
         "finetune_epochs": defence.tune.epochs if defence.tune else 0,
         "total_filters": defence.candidates,
@@ -271,12 +290,15 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     procs.wait()  # the others leave once the output is complete
     report["timing_s"]["total"] = time.perf_counter() - t0
     emit(ProgressEvent("done", values={"before": report["before"], "after": report["after"], "target": target}))
-    return JobResult(out, report, procs.is_main)
+    samples = {k: v.cpu().numpy() for k, v in preview_px.items()}
+    return JobResult(out, report, procs.is_main, samples)
 
 
 def _config_dict(cfg: JobConfig) -> dict:
     d = asdict(cfg)
-    d.pop("command", None)
+    for key in ("command", "model_label", "data_label"):
+        d.pop(key, None)
+    d["model"], d["data"] = cfg.model_label or cfg.model, cfg.data_label or cfg.data
     return d
 
 

@@ -98,6 +98,7 @@ class FakeHub:
             if not rec.headers.get("authorization", "").startswith("Bearer "):
                 return _error(401, "Invalid credentials in Authorization header")
             return httpx2.Response(200, json={"type": "user", "id": "0" * 24, "name": self.user, "fullname": "Alice",
+                                              "avatarUrl": f"{HOST}/avatars/{self.user}.svg",
                                               "email": None, "orgs": [], "isPro": False,
                                               "auth": {"type": "access_token",
                                                        "accessToken": {"displayName": "test", "role": "write"}}})
