@@ -330,6 +330,7 @@ def describe_model(settings: SpaceSettings, model_id: str | None, model_files: l
     import shutil
     import tempfile
     from hf_gradprune.hub import load_model
+    settings.workdir.mkdir(parents=True, exist_ok=True)
     peek = Path(tempfile.mkdtemp(prefix="peek-", dir=settings.workdir))
     try:
         source, shown = resolve_input(model_id, model_files, peek, "Model", "MODEL", settings)

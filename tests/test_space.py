@@ -93,6 +93,27 @@ def test_job_folders_are_cleaned(timm_backdoor, tmp_path):
     assert tmp_path.exists()
 
 
+def test_transformers_upload_comes_back_as_transformers(hf_backdoor, tmp_path):
+    """A zipped transformers folder: the target menu lists its id2label, the zip offered back reloads in transformers."""
+    from app import describe_model
+    from job import run_job
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    settings = SpaceSettings(workdir=tmp_path / "work")
+    zipped = zip_folder(Path(hf_backdoor["model"]), tmp_path / "hf-resnet")
+    text, choices = describe_model(settings, None, [zipped])
+    assert text.startswith("**./model**: transformers, 10 classes") and ("0: zero", "0") in choices
+    outcome = run_job(settings, {"model_files": [zipped], "data_id": str(hf_backdoor["data"]), "max_rounds": 2,
+                                 "max_epochs": 2}, lambda event: None)
+    assert outcome.command == f"hf-gradprune ./model --data {hf_backdoor['data']} --max-rounds 2 --max-epochs 2"
+    with zipfile.ZipFile(outcome.zip_path) as z:
+        z.extractall(tmp_path / "back")
+    back = tmp_path / "back" / "model-gradprune"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in back.iterdir()}
+    net = AutoModelForImageClassification.from_pretrained(back)
+    AutoImageProcessor.from_pretrained(back)
+    assert net.config.id2label[0] == "zero" and not (settings.workdir / outcome.job_dir.name / "inputs").exists()
+
+
 def test_push_errors_name_the_fix_and_never_the_token(tmp_path):
     with pytest.raises(UserError, match="repo name 'a b': give a name"):
         push_outcome(tmp_path, "a b", True, MACHINE_TOKEN)
