@@ -33,7 +33,7 @@ from hf_gradprune.pipeline import PLOT_FILE  # noqa: E402
 from hf_gradprune.progress import ProgressEvent  # noqa: E402
 from hf_gradprune.prune import PruneConfig  # noqa: E402
 from hf_gradprune.triggers import TRIGGER_KINDS  # noqa: E402
-from job import SpaceSettings, push_outcome, remove_job, resolve_input, run_job  # noqa: E402
+from job import SpaceSettings, demo_inputs, push_outcome, remove_job, resolve_input, run_job  # noqa: E402
 
 METRIC_ROWS = (("acc", "ACC (clean accuracy)"), ("asr", "ASR (attack success rate)"), ("ra", "RA (robust accuracy)"))
 FORM = ("model_id", "model_files", "data_id", "data_files", "split", "spc", "seed", "trigger", "trigger_image",
@@ -163,6 +163,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
         if settings.login:
             gr.LoginButton()
         job_state = gr.State(None, time_to_live=settings.job_ttl_s, delete_callback=remove_job)
+        demo_btn = gr.Button("No backdoored model at hand? Plant a BadNets backdoor in a small digits CNN "
+                             "(about 15 s) and fill in the form with it", size="sm", elem_id="demo")
         with gr.Row():
             with gr.Column(scale=1):
                 gr.Markdown("### 1. Model")
@@ -246,6 +248,14 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             return text, gr.update(choices=choices, value="auto")
 
         load_btn.click(load_model_info, [model_id, model_files], [model_info, target])
+
+        def plant_demo():
+            model_zip, data_zip = demo_inputs(settings)
+            text, choices = describe_model(settings, None, [model_zip])
+            return ("", [model_zip], "", [data_zip], text + ". Backdoor: BadNets square, target 0; press "
+                    "**Remove the backdoor**.", gr.update(choices=choices, value="auto"), "badnet")
+
+        demo_btn.click(plant_demo, None, [model_id, model_files, data_id, data_files, model_info, target, trigger])
         form_inputs = [model_id, model_files, data_id, data_files, split, spc, seed, trigger, trigger_image,
                        trigger_mask, blend_alpha, bpp_levels, target, method, alpha, prune_patience, max_rounds,
                        tune_patience, max_epochs, eval_limit]

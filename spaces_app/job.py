@@ -28,6 +28,8 @@ from hf_gradprune.progress import ProgressEvent
 JOB_PREFIX = "gradprune-job-"
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _ONE_JOB = threading.Lock()  # one defence at a time in this process, whatever the queue does with abandoned tabs
+_DEMO = threading.Lock()
+DEMO_MODEL = "digits-resnet18-backdoored"
 
 
 @dataclass
@@ -227,6 +229,23 @@ def run_job(settings: SpaceSettings, form: dict, progress: Callable[[ProgressEve
         raise
     finally:
         shutil.rmtree(job_dir / "inputs", ignore_errors=True)  # uploads are not kept past the job
+
+
+def demo_inputs(settings: SpaceSettings) -> tuple[str, str]:
+    """For a visitor with no backdoored model at hand: the offline demo's digits CNN with a BadNets backdoor
+    (target 0) and its dataset, as the two zips a user would upload. Built once per machine (about 15 s)."""
+    from hf_gradprune.demo import build_backdoored_digits
+    root = settings.workdir / "demo"
+    with _DEMO:
+        if not (root / "ready").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            built = build_backdoored_digits(root / "build")
+            Path(built["model"]).rename(root / "build" / DEMO_MODEL)
+            for name in (DEMO_MODEL, "data"):
+                shutil.make_archive(str(root / ("digits" if name == "data" else name)), "zip",
+                                    root_dir=root / "build", base_dir=name)
+            (root / "ready").touch()
+    return str(root / f"{DEMO_MODEL}.zip"), str(root / "digits.zip")
 
 
 def push_outcome(output_dir: str | Path, repo: str, private: bool, token: str | None) -> str:

@@ -338,3 +338,31 @@ def test_bad_input_shows_the_cli_message(space, browser, timm_backdoor, capfd):
     assert cli.startswith("--spc 200:")
     assert cli in status and cli in toast
     page.close()
+
+
+@needs_chromium
+def test_demo_button_fills_the_form(space, browser):
+    url, _ = space
+    page = open_app(browser, url, sign_in=False)
+    page.locator("#demo").click()
+    info = wait_text(page, "model_info", "Backdoor: BadNets", timeout=180_000)
+    assert info.startswith("./digits-resnet18-backdoored: timm, 10 classes")
+    assert page.locator("#model_files").get_by_text("digits-resnet18-backdoored").count() == 1
+    assert page.locator("#data_files").get_by_text("digits").count() == 1
+    page.locator("#target input").click()
+    assert page.get_by_role("option", name="9: nine").count() == 1
+    page.close()
+
+
+def test_planted_demo_backdoor_is_found_and_removed(space):
+    """The Space's "plant a backdoor" button: two zips as a user would upload them, a backdoor the job removes.
+    (Built in the app's own work folder, so the browser test of the button finds it ready.)"""
+    from job import demo_inputs, run_job
+    settings = space[1]
+    model_zip, data_zip = demo_inputs(settings)
+    assert demo_inputs(settings) == (model_zip, data_zip)  # built once
+    outcome = run_job(settings, {"model_files": [model_zip], "data_files": [data_zip]}, lambda event: None)
+    assert outcome.command == "hf-gradprune ./digits-resnet18-backdoored --data ./data"
+    before, after = outcome.report["before"], outcome.report["after"]
+    assert outcome.report["target"]["index"] == 0 and before["asr"] > 0.9 and after["asr"] < 0.1
+    assert after["acc"] > before["acc"] - 0.05
