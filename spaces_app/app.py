@@ -99,7 +99,7 @@ class EventLog:
         t = f"[{time.perf_counter() - self.t0:6.1f} s]"
         v = e.values
         if e.stage == "prune" and e.step:
-            shown = " · ".join(f"{k.replace('_', ' ')} {100 * x:.1f} %" if k.endswith(("acc", "asr")) else f"{k.replace('_', ' ')} {x:.3f}"
+            shown = " · ".join(f"{k.replace('_', ' ')} " + (f"{100 * x:.1f} %" if k.endswith(("acc", "asr")) else f"{x:.3f}")
                                for k, x in v.items() if isinstance(x, float))
             return f"{t} prune round {e.step}" + (f": {e.message}" if e.message else "") + (f" · {shown}" if shown else "")
         if e.stage == "finetune" and e.step:
@@ -116,9 +116,10 @@ class EventLog:
             except queue.Empty:
                 return changed
             if e.stage == "prune" and e.step:
-                self.rounds = [r for r in self.rounds if r["round"] != e.step] + [{"round": e.step, "percent": 100 * e.values[k], "series": name}
-                                for k, name in (("val_acc", "val ACC (clean)"), ("val_asr", "val ASR (triggered)"))
-                                if isinstance(e.values.get(k), float)]
+                self.rounds = [r for r in self.rounds if r["round"] != e.step] + [
+                    {"round": e.step, "percent": 100 * e.values[k], "series": name}
+                    for k, name in (("val_acc", "val ACC (clean)"), ("val_asr", "val ASR (triggered)"))
+                    if isinstance(e.values.get(k), float)]
             text = self.line(e)
             if text:
                 self.lines.append(text)
@@ -259,8 +260,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
         form_inputs = [model_id, model_files, data_id, data_files, split, spc, seed, trigger, trigger_image,
                        trigger_mask, blend_alpha, bpp_levels, target, method, alpha, prune_patience, max_rounds,
                        tune_patience, max_epochs, eval_limit]
-        outputs = [status, log, live, metrics, curve, preview, download, card, card_meta, repo_name, push_btn, push_result,
-                   job_state]
+        outputs = [status, log, live, metrics, curve, preview, download, card, card_meta, repo_name, push_btn,
+                   push_result, job_state]
 
         def defend(previous, *values, progress=gr.Progress()):
             remove_job(previous)  # one job folder per session: the last one
@@ -276,7 +277,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
 
             worker = threading.Thread(target=work, daemon=True)
             nothing = [gr.update()] * 9
-            yield ["Running ...", "", events.curve(), *nothing, None]
+            cleared = [None, None, None, None, "", "", gr.update(), gr.update(interactive=False), ""]  # last run's
+            yield ["Running ...", "", events.curve(), *cleared, None]
             worker.start()
             try:
                 last = 0.0
@@ -300,8 +302,9 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             meta, body = card_markdown(o.output_dir)
             names = o.report["data"].get("class_names")
             b, a = o.report["before"], o.report["after"]
-            summary = (f"**Done** ({o.report['method']['title']}): ASR {100 * b['asr']:.2f} % -> {100 * a['asr']:.2f} %, "
-                       f"ACC {100 * b['acc']:.2f} % -> {100 * a['acc']:.2f} %. Same numbers from the CLI: `{o.command}`")
+            summary = (f"**Done** ({o.report['method']['title']}): ASR {100 * b['asr']:.2f} % -> "
+                       f"{100 * a['asr']:.2f} %, ACC {100 * b['acc']:.2f} % -> {100 * a['acc']:.2f} %. "
+                       f"Same numbers from the CLI: `{o.command}`")
             yield [summary, events.text, events.curve(), metrics_table(o.report), str(o.output_dir / PLOT_FILE),
                    preview_gallery(o.report, o.samples, names), str(o.zip_path), body, meta,
                    gr.update(value=o.output_dir.name), gr.update(interactive=True), "",
