@@ -173,7 +173,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                                       placeholder="org/resnet18-backdoored", elem_id="model_id")
                 model_files = gr.File(label="... or upload a Hub-layout folder: one .zip or its files", file_count="multiple",
                                       type="filepath", elem_id="model_files")
-                load_btn = gr.Button("Load model (fills the target classes)", size="sm", elem_id="load_model")
+                load_btn = gr.Button("Load model (fills the target classes; also on Enter or upload)", size="sm",
+                                     elem_id="load_model")
                 model_info = gr.Markdown(elem_id="model_info")
                 gr.Markdown("### 2. Few-shot data")
                 data_id = gr.Textbox(label="Dataset: Hub id" + (" or local folder" if settings.local_paths else ""),
@@ -249,6 +250,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             return text, gr.update(choices=choices, value="auto")
 
         load_btn.click(load_model_info, [model_id, model_files], [model_info, target])
+        model_id.submit(load_model_info, [model_id, model_files], [model_info, target])  # Enter in the id box
+        model_files.upload(load_model_info, [model_id, model_files], [model_info, target])
 
         def plant_demo():
             model_zip, data_zip = demo_inputs(settings)
