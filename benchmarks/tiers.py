@@ -56,7 +56,7 @@ TIERS = {
     "cpu": Tier(["cifar10", "gtsrb"], spcs=(10, 2, 100), seeds=(0, 1, 2),
                 recipes={"cifar10": Recipe(epochs=12, lr=0.05), "gtsrb": Recipe(epochs=8, lr=0.05)},
                 methods=METHODS, baseline_attacks=("badnet", "blended", "lf"),
-                # SPC 100 baselines on one seed: GTSRB's 4300 few-shot images make each of them 4-16 min on a core
+                # SPC 100 baselines on one seed: GTSRB's 4300 few-shot images make each of them 7-19 min on a core
                 # (FT, NAD, FP and FT-SAM fine-tune up to 100 epochs); `--seeds 1 2` runs the others
                 baseline_seeds={100: (0,)},
                 baseline={"cifar10": {"anp_iters": 500}, "gtsrb": {**GTSRB_BASELINE, "anp_iters": 500}}),
