@@ -185,10 +185,6 @@ def _summary(report: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
-
-
 def _retry_command(out: Path, repo_id: str, private: bool, create_pr: bool, revision: str | None) -> str:
     args = ["hf-gradprune", "push", str(out), "--repo-id", repo_id] + (["--private"] if private else [])
     if revision:  # a PR already opened: retry into it rather than opening another
@@ -199,14 +195,12 @@ def _retry_command(out: Path, repo_id: str, private: bool, create_pr: bool, revi
 
 
 def _push(out: Path, repo_id: str, token: str | None, private: bool, create_pr: bool, revision: str | None = None) -> int:
-    from .hub import PushFailed, push_folder
+    from .hub import PushFailed, failure_reason, push_folder
     try:
         url = push_folder(out, repo_id, token=token, private=private, create_pr=create_pr, revision=revision)
     except PushFailed as failed:  # network, auth, permissions: whatever it is, the local folder stays
-        e = failed.cause
-        reason = _scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, token)[:300]
-        print(f"hf-gradprune: error: upload to {repo_id} failed ({type(e).__name__}: {reason}); the sanitised model is "
-              f"intact in {out}; retry with: {_retry_command(out, repo_id, private, create_pr, failed.revision)}",
+        print(f"hf-gradprune: error: upload to {repo_id} failed ({failure_reason(failed.cause, token)}); the sanitised "
+              f"model is intact in {out}; retry with: {_retry_command(out, repo_id, private, create_pr, failed.revision)}",
               file=sys.stderr)
         return EXIT_PUSH
     except KeyboardInterrupt:

@@ -270,6 +270,12 @@ class PushFailed(Exception):
         self.cause, self.revision = cause, revision
 
 
+def failure_reason(e: BaseException, token: str | None) -> str:
+    """'ErrorType: first line' of a failed upload, for one-line messages; the token never appears in it."""
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{type(e).__name__}: {(reason.replace(token, '***') if token else reason)[:300]}"
+
+
 def push_folder(folder: Path, repo_id: str, token: str | None = None, private: bool = False,
                 create_pr: bool = False, revision: str | None = None,
                 commit_message: str = "Upload model sanitised by hf-gradprune") -> str:

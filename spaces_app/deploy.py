@@ -65,10 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(deploy(args.space_id, args.token, args.private))
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else ""
-        if args.token:
-            reason = reason.replace(args.token, "***")
-        print(f"deploy: error: upload to {args.space_id} failed ({type(e).__name__}: {reason[:300]}); "
+        from hf_gradprune.hub import failure_reason
+        print(f"deploy: error: upload to {args.space_id} failed ({failure_reason(e, args.token)}); "
               "nothing local changed, run the same command again", file=sys.stderr)
         return 3
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 from hf_gradprune.cli import job_config, redacted_command
 from hf_gradprune.errors import UserError
 from hf_gradprune.finetune import TuneConfig
-from hf_gradprune.hub import PushFailed, default_repo_id, model_name, push_folder
+from hf_gradprune.hub import PushFailed, default_repo_id, failure_reason, model_name, push_folder
 from hf_gradprune.progress import ProgressEvent
 
 JOB_PREFIX = "gradprune-job-"
@@ -262,9 +262,5 @@ def push_outcome(output_dir: str | Path, repo: str, private: bool, token: str | 
     try:
         return push_folder(Path(output_dir), repo_id, token=token, private=private)
     except PushFailed as failed:
-        e = failed.cause
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if token:
-            reason = reason.replace(token, "***")
-        raise UserError(f"upload to {repo_id} failed ({type(e).__name__}: {reason[:300]}); the sanitised model is "
+        raise UserError(f"upload to {repo_id} failed ({failure_reason(failed.cause, token)}); the sanitised model is "
                         "intact: press Push again, or download the zip and run 'hf-gradprune push FOLDER'") from None
