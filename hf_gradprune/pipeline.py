@@ -67,6 +67,14 @@ class JobConfig:
     data_label: str | None = None  # not its temporary path); default: as given
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
 
+    @property
+    def model_shown(self) -> str:
+        return self.model_label or self.model
+
+    @property
+    def data_shown(self) -> str:
+        return self.data_label or self.data
+
 
 @dataclass
 class JobResult:
@@ -137,7 +145,7 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel) -> tuple[FewShot, dict]:
                    decode(pool, val_idx, image_col, label_col, loaded.to_pixels),
                    decode(test_split, test_idx, image_col, label_col, loaded.to_pixels),
                    train_idx, val_idx, test_idx, class_names, eval_name)
-    meta = {"dataset": cfg.data_label or cfg.data, "split": cfg.split, "test_split": eval_name, "image_column": image_col,
+    meta = {"dataset": cfg.data_shown, "split": cfg.split, "test_split": eval_name, "image_column": image_col,
             "label_column": label_col, "class_names": class_names}
     return data, meta
 
@@ -187,11 +195,11 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
 
     Every process holds the whole few-shot data (it is small) and takes its chunks of the work from it."""
     procs = procs or start(cfg.device, cfg.mixed_precision)
-    emit(ProgressEvent("load", message=f"loading {cfg.model_label or cfg.model}"))
+    emit(ProgressEvent("load", message=f"loading {cfg.model_shown}"))
     with procs.main_first():
         loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
     model = loaded.model
-    emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data_label or cfg.data}"))
+    emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data_shown}"))
     with procs.main_first():
         data, meta = _load_data(cfg, loaded)
     trig_train, trig_val, trig_test, trigger_desc = _triggered_copies(cfg, loaded, data, meta)
@@ -258,7 +266,7 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         "tool": {"name": "hf-gradprune", "version": __version__, "method": cfg.method},
         "method": {"name": cfg.method, "title": METHODS[cfg.method][0], "description": METHODS[cfg.method][1],
                    "reference": METHODS[cfg.method][2], "summary": defence.summary},
-        "source": {"model": cfg.model_label or cfg.model, "revision": loaded.revision, "library": loaded.library,
+        "source": {"model": cfg.model_shown, "revision": loaded.revision, "library": loaded.library,
                    "preprocessing": loaded.preprocessing},
         "data": {**meta, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
                  "input_size": list(loaded.input_size), "train_rows": data.train_idx, "val_rows": data.val_idx},
@@ -298,7 +306,7 @@ def _config_dict(cfg: JobConfig) -> dict:
     d = asdict(cfg)
     for key in ("command", "model_label", "data_label"):
         d.pop(key, None)
-    d["model"], d["data"] = cfg.model_label or cfg.model, cfg.data_label or cfg.data
+    d["model"], d["data"] = cfg.model_shown, cfg.data_shown
     return d
 
 

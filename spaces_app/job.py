@@ -135,7 +135,7 @@ def _unzip(path: Path, dest: Path, what: str, limit: int) -> None:
 
 
 def resolve_input(text: str | None, files: list | None, job_dir: Path, what: str, flag: str,
-            settings: SpaceSettings) -> tuple[str, str]:
+                  settings: SpaceSettings) -> tuple[str, str]:
     """(path or Hub id to load, the name to show in the command and card)."""
     if files:
         first = Path(files[0])
@@ -241,9 +241,8 @@ def demo_inputs(settings: SpaceSettings) -> tuple[str, str]:
             shutil.rmtree(root, ignore_errors=True)
             built = build_backdoored_digits(root / "build")
             Path(built["model"]).rename(root / "build" / DEMO_MODEL)
-            for name in (DEMO_MODEL, "data"):
-                shutil.make_archive(str(root / ("digits" if name == "data" else name)), "zip",
-                                    root_dir=root / "build", base_dir=name)
+            for folder, archive in ((DEMO_MODEL, DEMO_MODEL), ("data", "digits")):
+                shutil.make_archive(str(root / archive), "zip", root_dir=root / "build", base_dir=folder)
             (root / "ready").touch()
     return str(root / f"{DEMO_MODEL}.zip"), str(root / "digits.zip")
 

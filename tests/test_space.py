@@ -5,6 +5,7 @@ The app runs the CLI's job, so the numbers on the page must be the CLI's numbers
 """
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -310,7 +311,7 @@ def test_push_uses_the_signed_in_users_token_and_never_shows_it(finished, hub):
     assert commit.repo_id == "alice/digits-clean"
     assert set(commit.files) == {"config.json", "model.safetensors", "README.md", "gradprune_report.json",
                                  "gradprune_rounds.png"}
-    report = __import__("json").loads(commit.files["gradprune_report.json"])
+    report = json.loads(commit.files["gradprune_report.json"])
     assert report["source"]["model"] == "./uploaded-model" and "/tmp" not in commit.files["README.md"].decode()
     pushed = hub.requests[before:]
     assert pushed and {r.headers.get("authorization") for r in pushed} == {f"Bearer {OAUTH_TOKEN}"}
