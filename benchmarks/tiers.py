@@ -47,7 +47,7 @@ class Tier:
 
 
 TIERS = {
-    # batch 32 for 12 epochs, as the demo trains: at batch 64 for 8 epochs the BadNets and LF backdoors took hold under
+    # batch 32 (as the demo trains) for 12 epochs: at batch 64 for 8 epochs the BadNets and LF backdoors took hold under
     # torch 2.15.0 but not under 2.14.1 (ASR 33 % and 39 %); batch 32 x 12 gave 98.5 / 100 / 99.1 % there
     "smoke": Tier(["digits"], spcs=(10,), seeds=(0,),
                   recipes={"digits": Recipe(model_args={"channels": [16, 32, 64, 128], "stem_width": 16}, epochs=12,
