@@ -71,6 +71,7 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         input_size=f'{report["data"]["input_size"][0]}x{report["data"]["input_size"][1]}',
         spc=cfg["spc"], split=cfg["split"], n_train=report["data"]["n_train"], n_val=report["data"]["n_val"],
         seed=cfg["seed"], method_title=method["title"], method_desc=method["description"],
+        recipe=method.get("recipe"), recipe_desc=method.get("recipe_description"),
         method_reference=method["reference"], method_summary=method["summary"], changed_kind=_CHANGED_KIND[kind],
         uses_triggered=method["name"] == "gradprune", data_free=method["name"] == "clp",
         plot_caption="Channels zeroed per conv layer (no data used)" if method["name"] == "clp" else

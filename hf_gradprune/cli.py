@@ -20,6 +20,7 @@ from .finetune import AUGMENTATIONS, TuneConfig
 from .methods import METHODS, BaselineConfig
 from .hub import model_name
 from .prune import NORMALISATIONS, SCORES, PruneConfig
+from .recipes import DEFAULT_RECIPE, RECIPES, recipe_configs
 from .triggers import TRIGGER_KINDS, TriggerSpec
 
 if TYPE_CHECKING:
@@ -59,21 +60,31 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g = p.add_argument_group("defence")
     g.add_argument("--method", choices=list(METHODS), default="gradprune",
                    help="gradprune (default, the paper's method) or a baseline: ft, fp, nad, clp, ftsam, anp")
+    g.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                   help="gradprune: robust (default: no pruning unless --max-rounds N; fine-tuning on clean + "
+                        "triggered images at lr 0.001 cosine distils the original model's outputs on the clean images "
+                        "and is selected on the unlearning loss) or paper (the paper's exact procedure)")
     g = p.add_argument_group("pruning (gradprune; --alpha also bounds fp's and anp's sweeps)")
     g.add_argument("--alpha", type=float, default=PruneConfig.alpha,
                    help="stop when val accuracy drops by more than this absolute fraction (default 0.10)")
     g.add_argument("--prune-patience", type=int, default=PruneConfig.patience, help="Pp (default 10)")
-    g.add_argument("--max-rounds", type=int, default=PruneConfig.max_rounds)
+    g.add_argument("--max-rounds", type=int,
+                   help="default: the recipe's (robust 0: no pruning, measured best after its fine-tuning; paper 500). "
+                        "N > 0 under the robust recipe prunes with its rules: bound on all few-shot images, a filter "
+                        "that breaks it skipped")
     g.add_argument("--score", choices=SCORES, default=PruneConfig.score,
                    help="filter score: grad = mean |dL/dW| (paper, default); grad_x_weight = mean |dL/dW * W| (variant)")
     g.add_argument("--score-norm", choices=NORMALISATIONS, default=PruneConfig.normalise,
                    help="layer: divide scores by their layer's mean before picking (variant; default none)")
-    g = p.add_argument_group("fine-tuning (defaults: gradprune lr 0.001 constant, no augmentation; ft/fp/nad/ftsam "
-                             "lr 0.01 cosine, crop-flip)")
+    g = p.add_argument_group("fine-tuning (defaults: gradprune lr 0.001 cosine (paper recipe: 0.001 constant), no "
+                             "augmentation; ft/fp/nad/ftsam lr 0.01 cosine, crop-flip)")
     g.add_argument("--tune-patience", type=int, help="Pt: early-stop patience on the val loss (default 10)")
     g.add_argument("--max-epochs", type=int, help="default 100")
     g.add_argument("--lr", type=float)
     g.add_argument("--tune-batch-size", type=int, help="default 128")
+    g.add_argument("--distill", type=float,
+                   help="gradprune: weight of distilling the original model's output on each clean image into the "
+                        "image and its triggered twin (robust recipe 3; paper 0 = true labels only)")
     g.add_argument("--augment", choices=AUGMENTATIONS,
                    help="crop = random crop with 1/8-side zero padding; crop-flip adds horizontal flips (off for "
                         "images where left and right differ in meaning, e.g. traffic signs)")
@@ -235,13 +246,17 @@ def job_config(argv: list[str], raising: bool = False) -> tuple["JobConfig", arg
     from .pipeline import JobConfig
     args = _main_parser(_RaisingParser if raising else argparse.ArgumentParser).parse_args(argv)
     trigger = TriggerSpec(args.trigger, args.trigger_image, args.trigger_mask, args.blend_alpha, args.bpp_levels)
+    prune, tune = recipe_configs(args.recipe)
     cfg = JobConfig(model=args.model, data=args.data, output=args.output, revision=args.revision,
                     data_revision=args.data_revision, split=args.split, eval_split=args.eval_split,
                     image_column=args.image_column, label_column=args.label_column, spc=args.spc,
                     val_ratio=args.val_ratio, seed=args.seed, eval_limit=args.eval_limit, trigger=trigger,
                     backdoor_data=args.backdoor_data, target=args.target,
-                    prune=PruneConfig(args.alpha, args.prune_patience, args.max_rounds, args.score, args.score_norm),
-                    method=args.method, tune=_tune(TuneConfig(), args),
+                    recipe=args.recipe, method=args.method,
+                    tune=_tune(tune if args.distill is None else replace(tune, distill=args.distill), args),
+                    prune=replace(prune, alpha=args.alpha, patience=args.prune_patience, score=args.score,
+                                  normalise=args.score_norm,
+                                  max_rounds=prune.max_rounds if args.max_rounds is None else args.max_rounds),
                     baseline=BaselineConfig(tune=_tune(replace(BaselineConfig().tune, alpha=args.alpha), args),
                                             fp_step=args.fp_step,
                                             nad_teacher_epochs=args.nad_teacher_epochs, clp_u=args.clp_u,
@@ -293,6 +308,8 @@ def _check_numbers(args) -> None:
             raise UserError(f"{flag} {value}: must be at least 1")
     if args.max_epochs is not None and args.max_epochs < 0:
         raise UserError(f"--max-epochs {args.max_epochs}: must be 0 or more")
+    if args.distill is not None and args.distill < 0:
+        raise UserError(f"--distill {args.distill}: must be 0 or more")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr {args.lr}: must be positive")
     if not 0 < args.fp_step < 1:

@@ -1,7 +1,7 @@
 """The one fine-tuning loop every defence shares: Grad-Prune's repair stage, FT, FP, NAD, the NAD teacher and FT-SAM.
 
-SGD with momentum and weight decay, optional cosine schedule and augmentation, early stop on the clean
-validation loss with patience Pt (restoring the best epoch), masked channels re-zeroed after every step.
+SGD with momentum and weight decay, optional cosine schedule and augmentation, early stop with patience Pt on what
+`select` measures on the validation split (restoring the best epoch), masked channels re-zeroed after every step.
 A method changes the loss (`loss_fn`) or the optimiser (`make_optimizer`), never the loop.
 """
 
@@ -18,6 +18,8 @@ from .parallel import SINGLE, Procs, synced_batch_norm
 from .prune import accuracy_dropped
 
 AUGMENTATIONS = ("none", "crop", "crop-flip")
+SCHEDULES = ("constant", "cosine")
+SELECTIONS = ("loss", "latest_within_alpha", "unlearning_within_alpha")
 
 
 @dataclass
@@ -31,11 +33,18 @@ class TuneConfig:
     schedule: str = "constant"  # "cosine": CosineAnnealingLR over max_epochs, as BackdoorBench's defences
     augment: str = "none"  # "crop": random crop with zero padding of 1/8 of the side; "crop-flip": + horizontal flip
     label_smoothing: float = 0.0
-    select: str = "loss"  # which epoch to keep: "loss" = the lowest clean val loss (Grad-Prune, as the paper);
+    select: str = "loss"  # which epoch to keep: "loss" = the lowest clean val loss (Grad-Prune's paper recipe);
     #                       "latest_within_alpha" = the LATEST epoch whose clean val accuracy is within alpha of the
     #                       model's before fine-tuning, stopping after Pt epochs in a row outside it (baselines: their
-    #                       val loss is lowest at the untouched backdoored model, so "loss" would undo the defence)
+    #                       val loss is lowest at the untouched backdoored model, so "loss" would undo the defence);
+    #                       "unlearning_within_alpha" = the lowest clean val loss + val unlearning loss (CE of the
+    #                       triggered twins against their true labels: the training objective, on held-out images)
+    #                       among epochs within alpha (Grad-Prune's robust recipe; needs the triggered val twins)
     alpha: float = 0.10
+    distill: float = 0.0  # weight of KL(soft target || model) where the method gives per-row soft targets (Grad-Prune:
+    #                       the original model's output on the CLEAN image, for the clean image and its twin alike)
+    hard_labels: float = 1.0  # weight of the cross-entropy against the true labels
+    sam_rho: float = 0.0  # Grad-Prune: > 0 takes FT-SAM's adaptive sharpness-aware step (methods/ftsam.py) with this rho
 
 
 @dataclass
@@ -44,6 +53,7 @@ class TuneResult:
     best_epoch: int  # 0 = the model before any fine-tuning was best
     val_losses: list[float] = field(default_factory=list)  # index 0 = before fine-tuning
     val_accs: list[float] = field(default_factory=list)
+    val_unlearning_losses: list[float] = field(default_factory=list)  # select "unlearning_within_alpha" only
 
 
 class KeepsMask(Protocol):
@@ -64,6 +74,13 @@ def val_loss_acc(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, b
         return torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum().float()])
     loss, correct = procs.chunk_sums(len(labels), batch_size, 2, chunk)
     return loss / max(1, len(labels)), int(correct)
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The model's softmax output per image, chunked (soft targets for distillation)."""
+    model.eval()
+    return torch.cat([F.softmax(model(pixels[s:s + batch_size]), 1) for s in range(0, len(pixels), batch_size)])
 
 
 def augment(pixels: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -87,14 +104,22 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
              val_labels: torch.Tensor, cfg: TuneConfig, keep: KeepsMask | None, seed: int,
              on_epoch: Callable[[int, float], None] | None = None, loss_fn: LossFn | None = None,
              make_optimizer: Callable[[list[nn.Parameter], TuneConfig], torch.optim.Optimizer] | None = None,
-             reference_correct: int | None = None, procs: Procs = SINGLE) -> TuneResult:
+             reference_correct: int | None = None, procs: Procs = SINGLE,
+             val_triggered: torch.Tensor | None = None, soft_targets: torch.Tensor | None = None) -> TuneResult:
     """Train on (pixels, labels) and keep the epoch cfg.select picks. `reference_correct` is the validation count alpha
-    is measured from, when that is not the model as it enters fine-tuning (FP: the model before its pruning).
+    is measured from, when that is not the model as it enters fine-tuning (FP and Grad-Prune: the model before their
+    pruning). `val_triggered`: the triggered twins of `val_pixels`, for select "unlearning_within_alpha".
+    `soft_targets`: a probability row per training row, distilled with weight cfg.distill (the default loss only).
 
     On N processes every process draws the same global batches and augmentations and trains on its contiguous part
     of each (data-parallel through `accelerator.prepare`, batch norm over the global batch); the loss is scaled so
     that the averaged gradient is the global batch's mean, as on one process."""
-    if loss_fn is None:
+    if loss_fn is None and soft_targets is not None:
+        def loss_fn(m, x, y, target):
+            logits = m(x)
+            return (cfg.hard_labels * F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    + cfg.distill * F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean"))
+    elif loss_fn is None:
         def loss_fn(m, x, y):
             return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -103,11 +128,19 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
         if cfg.schedule == "cosine" else None  # stepped by hand once per epoch, on the unwrapped optimiser
     gen = torch.Generator().manual_seed(seed)
     n_val = max(1, len(val_labels))
-    best, base_correct = val_loss_acc(model, val_pixels, val_labels, procs=procs)
-    if reference_correct is not None:
-        base_correct = reference_correct
+    unlearning = cfg.select == "unlearning_within_alpha"
+    if unlearning and val_triggered is None:
+        raise ValueError("select 'unlearning_within_alpha' needs the triggered validation twins")
+    best, start_correct = val_loss_acc(model, val_pixels, val_labels, procs=procs)
+    base_correct = start_correct if reference_correct is None else reference_correct
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = TuneResult(0, 0, [best], [base_correct / n_val])
+    result = TuneResult(0, 0, [best], [start_correct / n_val])
+    if unlearning:
+        unlearning_loss = val_loss_acc(model, val_triggered, val_labels, procs=procs)[0]
+        result.val_unlearning_losses.append(unlearning_loss)
+        # the model as it enters fine-tuning is the fallback, but it competes only if it is itself within alpha
+        best = best + unlearning_loss if not accuracy_dropped(base_correct, start_correct, n_val, cfg.alpha) \
+            else float("inf")
     since_best = 0
     train_model, train_opt = _prepare(model, opt, procs)
     smallest = max(2, procs.world)  # BatchNorm cannot train on one image; every process needs one
@@ -122,10 +155,11 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
                 x, y = augment(pixels[idx], cfg.augment, gen), labels[idx]  # the global batch, on every process
                 part = procs.shard(len(idx))
                 x, y, scale = x[part], y[part], len(y[part]) * procs.world / len(idx)
+                extra = () if soft_targets is None else (soft_targets[idx][part],)
 
                 def closure():
                     train_opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(train_model, x, y)
+                    loss = loss_fn(train_model, x, y, *extra)
                     _backward(loss * scale if scale != 1 else loss, procs)
                     return loss
                 train_opt.step(closure)
@@ -138,12 +172,18 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
             result.val_losses, result.val_accs = result.val_losses + [loss], result.val_accs + [correct / n_val]
             if on_epoch:
                 on_epoch(epoch, loss)
+            within = not accuracy_dropped(base_correct, correct, n_val, cfg.alpha)
             if cfg.select == "loss":
-                better = loss < best
+                better, value = loss < best, loss
+            elif unlearning:
+                unlearning_loss = val_loss_acc(model, val_triggered, val_labels, procs=procs)[0]
+                result.val_unlearning_losses.append(unlearning_loss)
+                value = loss + unlearning_loss
+                better = within and value < best
             else:
-                better = not accuracy_dropped(base_correct, correct, n_val, cfg.alpha)
+                better, value = within, best
             if better:
-                best, since_best, result.best_epoch = min(loss, best), 0, epoch
+                best, since_best, result.best_epoch = value, 0, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 since_best += 1

@@ -27,6 +27,7 @@ from .methods import METHODS, BaselineConfig, Defence, defend
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .prune import PruneConfig
+from .recipes import DEFAULT_RECIPE, describe as describe_recipe, recipe_configs
 from .triggers import TriggerSpec, make_trigger
 
 REPORT_FILE = "gradprune_report.json"
@@ -52,9 +53,10 @@ class JobConfig:
     backdoor_data: str | None = None  # the defender's own triggered copies, row-aligned with --data
     target: str = "auto"
     method: str = "gradprune"  # or a baseline: ft, fp, nad, clp, ftsam, anp (see methods/)
-    prune: PruneConfig = field(default_factory=PruneConfig)  # Grad-Prune; alpha also bounds FP's and ANP's sweeps
+    recipe: str = DEFAULT_RECIPE  # Grad-Prune's recipe (recipes.py): "robust" (default) or "paper"
+    prune: PruneConfig | None = None  # Grad-Prune (default: the recipe's); alpha also bounds FP's and ANP's sweeps
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+    tune: TuneConfig | None = None  # Grad-Prune's fine-tuning (default: the recipe's)
     batch_size: int = 256
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -66,6 +68,11 @@ class JobConfig:
     model_label: str | None = None  # what the card and report call the model / data (the Space: the upload's name,
     data_label: str | None = None  # not its temporary path); default: as given
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
+
+    def __post_init__(self):
+        prune, tune = recipe_configs(self.recipe)
+        self.prune = self.prune or prune
+        self.tune = self.tune or tune
 
     @property
     def model_shown(self) -> str:
@@ -265,7 +272,9 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     report = {
         "tool": {"name": "hf-gradprune", "version": __version__, "method": cfg.method},
         "method": {"name": cfg.method, "title": METHODS[cfg.method][0], "description": METHODS[cfg.method][1],
-                   "reference": METHODS[cfg.method][2], "summary": defence.summary},
+                   "reference": METHODS[cfg.method][2], "summary": defence.summary,
+                   **({"recipe": cfg.recipe, "recipe_description": describe_recipe(cfg.recipe)}
+                      if cfg.method == "gradprune" else {})},
         "source": {"model": cfg.model_shown, "revision": loaded.revision, "library": loaded.library,
                    "preprocessing": loaded.preprocessing},
         "data": {**meta, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),

@@ -4,6 +4,10 @@ Each round: the unlearning loss (cross-entropy of the TRIGGERED training images 
 is back-propagated, every conv filter gets the mean |dL/dW| over its weights, and the single
 highest-scoring filter is pruned. Pruning only ever zeroes parameters, so the best round is rebuilt by
 undoing the later rounds from the saved slices: no model copies in the loop.
+
+Where the accuracy bound and the kept round are measured, and what a round past the bound does, are the two
+choices the recipes (`recipes.py`) differ in: the paper measures on the validation split and stops at the first
+such round; the robust recipe measures on all the clean few-shot images and undoes and skips that one filter.
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ class PruneConfig:
     score: str = "grad"  # "grad": mean |dL/dW| (paper Eq. 3); "grad_x_weight": mean |dL/dW * W| (opt-in variant)
     normalise: str = "none"  # "layer": divide each layer's scores by their mean (opt-in variant), so no layer
     #                          wins just because its gradients are larger in scale
+    check_on: str = "val"  # where alpha and the kept round are measured: "val" = the validation split (paper);
+    #                        "fewshot" = the clean train + validation images and their twins. Scoring only
+    #                        back-propagates, nothing is fitted, so the train images are as unseen as the val ones,
+    #                        and at SPC 10 the bound is read off 10 images per class instead of 1
+    on_break: str = "stop"  # a round past alpha: "stop" ends pruning (paper); "skip" undoes that filter, never tries
+    #                         it again and tries the next one
+    max_skips: int = 10  # "skip": pruning ends ("accuracy") after this many filters in a row were undone
+    keep_on: str = "unlearning"  # what the kept round minimises (and patience waits on): "unlearning" = the unlearning
+    #                              loss (paper); "objective" = clean loss + unlearning loss, fine-tuning's objective,
+    #                              so a filter is kept only where it removes more backdoor than clean accuracy
 
 
 SCORES = ("grad", "grad_x_weight")
@@ -46,20 +60,31 @@ class PruneRound:
     val_acc: float
     val_unlearning_loss: float
     val_asr: float | None
+    fewshot_acc: float | None = None  # check_on "fewshot": the same on the clean train + val images and their twins
+    fewshot_unlearning_loss: float | None = None
+    undone: bool = False  # on_break "skip": this filter broke alpha, was restored at once and is never tried again
 
 
 @dataclass
 class PruneResult:
-    kept_rounds: int  # the best round by val unlearning loss within alpha; filters pruned up to it stay pruned
+    kept_rounds: int  # the best round by unlearning loss within alpha; filters pruned up to it (not undone) stay pruned
     stop_reason: str
     base_val_acc: float
     base_val_unlearning_loss: float
     base_val_asr: float | None
     rounds: list[PruneRound] = field(default_factory=list)  # every round tried, also those undone
+    check_on: str = "val"
+    base_fewshot_acc: float | None = None
+    base_fewshot_unlearning_loss: float | None = None
 
     @property
     def pruned(self) -> list[dict]:
-        return [{"layer": r.layer, "filter": r.filter, "score": r.score} for r in self.rounds[: self.kept_rounds]]
+        return [{"layer": r.layer, "filter": r.filter, "score": r.score} for r in self.rounds[: self.kept_rounds]
+                if not r.undone]
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.undone for r in self.rounds)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -196,10 +221,42 @@ def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggere
             c.weight.grad = None
 
 
+@dataclass(frozen=True)
+class CheckStats:
+    """Sums over a set of clean images and their triggered twins; sums add exactly across sets and processes."""
+    correct: int  # clean predictions that are right
+    loss_sum: float  # unlearning loss (CE of the twins against the true labels), summed
+    hits: int  # twins of non-target images sent to the target
+    n: int
+    n_non_target: int
+    clean_loss_sum: float = 0.0  # CE of the clean images against their labels, summed
+
+    def __add__(self, other: "CheckStats") -> "CheckStats":
+        return CheckStats(self.correct + other.correct, self.loss_sum + other.loss_sum, self.hits + other.hits,
+                          self.n + other.n, self.n_non_target + other.n_non_target,
+                          self.clean_loss_sum + other.clean_loss_sum)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(1, self.n)
+
+    @property
+    def unlearning_loss(self) -> float:
+        return self.loss_sum / max(1, self.n)
+
+    @property
+    def asr(self) -> float | None:
+        return self.hits / self.n_non_target if self.n_non_target else None
+
+    @property
+    def objective(self) -> float:
+        return (self.clean_loss_sum + self.loss_sum) / max(1, self.n)
+
+
 @torch.no_grad()
-def val_stats(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor,
-              target: int | None, batch_size: int, procs: Procs = SINGLE) -> tuple[int, float, float | None]:
-    """Correct clean predictions, mean unlearning loss on triggered images, ASR on triggered non-target images.
+def check_stats(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor,
+                target: int | None, batch_size: int, procs: Procs = SINGLE) -> CheckStats:
+    """Correct clean predictions, summed unlearning loss on the triggered twins, target hits among non-target twins.
 
     One host synchronisation: every chunk's numbers are gathered in one table and read back together."""
     model.eval()
@@ -210,11 +267,10 @@ def val_stats(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, la
         c_logits, t_logits = both[: len(y)], both[len(y):]
         hits = ((t_logits.argmax(1) == target) & (y != target)).sum() if target is not None else torch.zeros((), device=y.device)
         return torch.stack([(c_logits.argmax(1) == y).sum().float(), F.cross_entropy(t_logits, y, reduction="sum"),
-                            hits.float()])
-    correct, loss, hits = procs.chunk_sums(len(labels), batch_size, 3, chunk)
+                            hits.float(), F.cross_entropy(c_logits, y, reduction="sum")])
+    correct, loss, hits, clean_loss = procs.chunk_sums(len(labels), batch_size, 4, chunk)
     n_non_target = int((labels != target).sum()) if target is not None else 0
-    asr = hits / n_non_target if n_non_target else None
-    return int(correct), loss / max(1, len(labels)), asr
+    return CheckStats(int(correct), loss, int(hits), len(labels), n_non_target, clean_loss)
 
 
 def accuracy_dropped(base_correct: int, correct: int, n_val: int, alpha: float) -> bool:
@@ -226,17 +282,35 @@ def accuracy_dropped(base_correct: int, correct: int, n_val: int, alpha: float) 
 def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torch.Tensor, train_labels: torch.Tensor,
                    val_clean: torch.Tensor, val_triggered: torch.Tensor, val_labels: torch.Tensor,
                    cfg: PruneConfig, target: int | None, batch_size: int,
-                   on_round: Callable[[PruneRound], None] | None = None, procs: Procs = SINGLE) -> PruneResult:
-    """Prune round after round until val accuracy drops by more than alpha or the val unlearning loss has not
-    strictly improved for Pp rounds; then keep the best round by val unlearning loss within alpha."""
-    n_val = len(val_labels)
-    base_correct, base_loss, base_asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size, procs)
-    result = PruneResult(0, "max_rounds", base_correct / n_val, base_loss, base_asr)
-    best_loss, since_best = base_loss, 0
+                   on_round: Callable[[PruneRound], None] | None = None, procs: Procs = SINGLE,
+                   train_clean: torch.Tensor | None = None) -> PruneResult:
+    """Prune round after round until accuracy drops by more than alpha (cfg.on_break "stop"; "skip": until
+    cfg.max_skips filters in a row did) or the unlearning loss has not strictly improved for Pp rounds; then keep
+    the best round by unlearning loss within alpha. cfg.check_on says on which images both are measured
+    ("fewshot" needs `train_clean`, the clean twins of `train_triggered`)."""
+    fewshot = cfg.check_on == "fewshot"
+    if fewshot and train_clean is None:
+        raise ValueError("check_on 'fewshot' needs the clean training images")
+
+    def measure() -> tuple[CheckStats, CheckStats]:
+        val = check_stats(model, val_clean, val_triggered, val_labels, target, batch_size, procs)
+        if not fewshot:
+            return val, val
+        return val, val + check_stats(model, train_clean, train_triggered, train_labels, target, batch_size, procs)
+
+    base_val, base = measure()
+    result = PruneResult(0, "max_rounds", base_val.acc, base_val.unlearning_loss, base_val.asr, check_on=cfg.check_on,
+                         base_fewshot_acc=base.acc if fewshot else None,
+                         base_fewshot_unlearning_loss=base.unlearning_loss if fewshot else None)
+    def kept_value(stats: CheckStats) -> float:
+        return stats.objective if cfg.keep_on == "objective" else stats.unlearning_loss
+
+    best_loss, since_best, skips = kept_value(base), 0, 0
+    excluded = torch.zeros(pruner.num_filters, dtype=torch.bool, device=train_labels.device)
     for r in range(1, cfg.max_rounds + 1):
         scores = filter_scores(model, pruner.convs, train_triggered, train_labels, batch_size, cfg.score, cfg.normalise,
                                procs)
-        scores = scores.masked_fill(pruner.pruned_mask(scores.device), float("-inf"))
+        scores = scores.masked_fill(pruner.pruned_mask(scores.device) | excluded.to(scores.device), float("-inf"))
         best = scores.max(0)
         flat, score = int(best.indices), float(best.values)
         procs.agree(flat, f"the filter to prune in round {r}")
@@ -245,23 +319,36 @@ def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torc
             break
         conv_idx, f = pruner.locate(flat)
         pruner.prune(conv_idx, f)
-        correct, loss, asr = val_stats(model, val_clean, val_triggered, val_labels, target, batch_size, procs)
-        rnd = PruneRound(r, pruner.convs[conv_idx][0], f, score, correct / n_val, loss, asr)
+        val, check = measure()
+        broke = accuracy_dropped(base.correct, check.correct, check.n, cfg.alpha)
+        rnd = PruneRound(r, pruner.convs[conv_idx][0], f, score, val.acc, val.unlearning_loss, val.asr,
+                         check.acc if fewshot else None, check.unlearning_loss if fewshot else None,
+                         undone=broke and cfg.on_break == "skip")
         result.rounds.append(rnd)
         if on_round:
             on_round(rnd)
-        if accuracy_dropped(base_correct, correct, n_val, cfg.alpha):
-            result.stop_reason = "accuracy"
-            break
-        if loss < best_loss:
-            best_loss, since_best, result.kept_rounds = loss, 0, r
+        if broke:
+            if cfg.on_break == "stop":
+                result.stop_reason = "accuracy"
+                break
+            pruner.undo_last()  # the model is as before this round; the filter is never a candidate again
+            excluded[flat] = True
+            skips += 1
+            if skips >= cfg.max_skips:
+                result.stop_reason = "accuracy"
+                break
+            continue
+        skips = 0
+        if kept_value(check) < best_loss:
+            best_loss, since_best, result.kept_rounds = kept_value(check), 0, r
         else:
             since_best += 1
             if since_best >= cfg.patience:
                 result.stop_reason = "patience"
                 break
     procs.agree((result.stop_reason, len(result.rounds), result.kept_rounds), "where pruning stopped and which round it kept")
-    while len(pruner.pruned) > result.kept_rounds:
+    keep = len(result.pruned)
+    while len(pruner.pruned) > keep:
         pruner.undo_last()
     return result
 
@@ -270,8 +357,9 @@ def round_floor(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], train_trig
                 train_labels: torch.Tensor, val_clean: torch.Tensor, val_triggered: torch.Tensor, batch_size: int,
                 repeats: int = 3) -> float:
     """Median seconds of the work no pruning round can skip, written plainly and apart from the engine: one
-    forward+backward over the training split giving the conv weight gradients, and one forward over the
-    validation split (clean images and their triggered twins). Benchmarks divide the time per round by it."""
+    forward+backward over the training split giving the conv weight gradients, and one forward over the images
+    the round is checked on (clean images and their triggered twins: the validation split, or with check_on
+    "fewshot" the train + validation images). Benchmarks divide the time per round by it."""
     weights = [c.weight for _, c in convs]
     model.eval()
     times = []

@@ -32,13 +32,14 @@ from hf_gradprune.methods import METHODS  # noqa: E402
 from hf_gradprune.pipeline import PLOT_FILE  # noqa: E402
 from hf_gradprune.progress import ProgressEvent  # noqa: E402
 from hf_gradprune.prune import PruneConfig  # noqa: E402
+from hf_gradprune.recipes import DEFAULT_RECIPE  # noqa: E402
 from hf_gradprune.triggers import TRIGGER_KINDS  # noqa: E402
 from job import SpaceSettings, demo_inputs, push_outcome, remove_job, resolve_input, run_job  # noqa: E402
 
 METRIC_ROWS = (("acc", "ACC (clean accuracy)"), ("asr", "ASR (attack success rate)"), ("ra", "RA (robust accuracy)"))
 FORM = ("model_id", "model_files", "data_id", "data_files", "split", "spc", "seed", "trigger", "trigger_image",
-        "trigger_mask", "blend_alpha", "bpp_levels", "target", "method", "alpha", "prune_patience", "max_rounds",
-        "tune_patience", "max_epochs", "eval_limit")
+        "trigger_mask", "blend_alpha", "bpp_levels", "target", "method", "recipe", "alpha", "prune_patience",
+        "max_rounds", "tune_patience", "max_epochs", "eval_limit")
 TRIGGER_HELP = {"badnet": "white square at the bottom-right corner (3x3 at 32x32, scaled); no image needed",
                 "patch": "your patch image + mask image (255 = trigger pixel), stamped at the model's input size",
                 "blended": "your image blended in: x' = (1 - alpha) x + alpha t",
@@ -90,6 +91,7 @@ class EventLog:
         self.events: queue.Queue = queue.Queue()
         self.lines: list[str] = []
         self.rounds: list[dict] = []  # the live pruning curve: one row per (round, series)
+        self.epochs: list[tuple[int, float]] = []  # without pruning rounds, the live curve is fine-tuning's val loss
         self.t0 = time.perf_counter()
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -120,6 +122,8 @@ class EventLog:
                     {"round": e.step, "percent": 100 * e.values[k], "series": name}
                     for k, name in (("val_acc", "val ACC (clean)"), ("val_asr", "val ASR (triggered)"))
                     if isinstance(e.values.get(k), float)]
+            if e.stage == "finetune" and e.step and isinstance(e.values.get("val_loss"), float):
+                self.epochs = [p for p in self.epochs if p[0] != e.step] + [(e.step, e.values["val_loss"])]
             text = self.line(e)
             if text:
                 self.lines.append(text)
@@ -136,6 +140,14 @@ class EventLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 2.4), dpi=90)
+        if not self.rounds and self.epochs:  # the recipe does not prune: show fine-tuning
+            ax.plot(*zip(*sorted(self.epochs)), "o-", ms=3, label="clean val loss")
+            ax.set_xlabel("fine-tuning epoch")
+            ax.set_ylabel("cross-entropy")
+            ax.legend(fontsize=7, frameon=False)
+            fig.tight_layout()
+            plt.close(fig)
+            return fig
         for series, style in (("val ACC (clean)", "o-"), ("val ASR (triggered)", "s-")):
             pts = sorted((r["round"], r["percent"]) for r in self.rounds if r["series"] == series)
             if pts:
@@ -200,9 +212,12 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                 with gr.Accordion("Advanced", open=False):
                     method = gr.Dropdown([(f"{v[0]} ({k})", k) for k, v in METHODS.items()], value="gradprune",
                                          label="Defence", elem_id="method")
+                    recipe = gr.Dropdown([("robust (default)", "robust"), ("paper (the paper's exact procedure)", "paper")],
+                                         value=DEFAULT_RECIPE, label="Grad-Prune recipe", elem_id="recipe")
                     alpha = gr.Number(PruneConfig.alpha, label="alpha: largest val accuracy drop", elem_id="alpha")
                     prune_patience = gr.Number(PruneConfig.patience, label="Pp: pruning patience (rounds)", precision=0)
-                    max_rounds = gr.Number(PruneConfig.max_rounds, label="Max pruning rounds", precision=0,
+                    max_rounds = gr.Number(None, label="Max pruning rounds (empty: the recipe's; robust 0, paper 500)",
+                                           precision=0,
                                            elem_id="max_rounds")
                     tune_patience = gr.Number(TuneConfig.patience, label="Pt: fine-tuning patience (epochs)",
                                               precision=0)
@@ -215,7 +230,7 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             with gr.Column(scale=1):
                 status = gr.Markdown(elem_id="status")
                 log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="log")
-                live = gr.Plot(label="Pruning rounds (live, validation set)", format="png", elem_id="live")
+                live = gr.Plot(label="Pruning rounds or fine-tuning epochs (live, validation set)", format="png", elem_id="live")
                 metrics = gr.Dataframe(headers=["metric", "before", "after"], label="Before / after (test split)",
                                        interactive=False, elem_id="metrics")
                 curve = gr.Image(label="Pruning curve", type="filepath", interactive=False, elem_id="curve")
@@ -261,8 +276,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
 
         demo_btn.click(plant_demo, None, [model_id, model_files, data_id, data_files, model_info, target, trigger])
         form_inputs = [model_id, model_files, data_id, data_files, split, spc, seed, trigger, trigger_image,
-                       trigger_mask, blend_alpha, bpp_levels, target, method, alpha, prune_patience, max_rounds,
-                       tune_patience, max_epochs, eval_limit]
+                       trigger_mask, blend_alpha, bpp_levels, target, method, recipe, alpha, prune_patience,
+                       max_rounds, tune_patience, max_epochs, eval_limit]
         outputs = [status, log, live, metrics, curve, preview, download, card, card_meta, repo_name, push_btn,
                    push_result, job_state]
 
@@ -305,7 +320,9 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             meta, body = card_markdown(o.output_dir)
             names = o.report["data"].get("class_names")
             b, a = o.report["before"], o.report["after"]
-            summary = (f"**Done** ({o.report['method']['title']}): ASR {100 * b['asr']:.2f} % -> "
+            recipe = o.report["method"].get("recipe")
+            title = o.report["method"]["title"] + (f", recipe {recipe}" if recipe else "")
+            summary = (f"**Done** ({title}): ASR {100 * b['asr']:.2f} % -> "
                        f"{100 * a['asr']:.2f} %, ACC {100 * b['acc']:.2f} % -> {100 * a['acc']:.2f} %. "
                        f"Same numbers from the CLI: `{o.command}`")
             yield [summary, events.text, events.curve(), metrics_table(o.report), str(o.output_dir / PLOT_FILE),

@@ -174,6 +174,7 @@ def build_argv(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[list
         ("--trigger-image", form.get("trigger_image")), ("--trigger-mask", form.get("trigger_mask")),
         ("--blend-alpha", form.get("blend_alpha")), ("--bpp-levels", form.get("bpp_levels")),
         ("--target", form.get("target") or "auto"), ("--method", form.get("method") or "gradprune"),
+        ("--recipe", form.get("recipe") if (form.get("method") or "gradprune") == "gradprune" else None),
         ("--alpha", form.get("alpha")), ("--prune-patience", form.get("prune_patience")),
         ("--max-rounds", form.get("max_rounds")), ("--tune-patience", form.get("tune_patience")),
         ("--max-epochs", form.get("max_epochs"))]

@@ -30,6 +30,10 @@ def hf_backdoor(tmp_path_factory):
     return build_backdoored_digits(tmp_path_factory.mktemp("hf"), library="transformers", epochs=15)
 
 
+# the default (robust) recipe does not prune; the tests of the pruning engine switch its pruning rules on
+PRUNING = ("--max-rounds", "500")
+
+
 def run_cli(*args) -> int:
     return main([str(a) for a in args])
 
@@ -41,7 +45,7 @@ def read_report(out: Path) -> dict:
 @pytest.fixture(scope="session")
 def timm_result(timm_backdoor, tmp_path_factory):
     out = tmp_path_factory.mktemp("timm-out") / "sanitised"
-    code = run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet")
+    code = run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet", *PRUNING)
     assert code == 0
     return out, read_report(out)
 

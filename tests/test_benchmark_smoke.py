@@ -22,18 +22,22 @@ def test_smoke_tier(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     every = json.loads((results / "results.json").read_text())
-    rows = [r for r in every if r["method"] == "gradprune"]
-    assert sorted(r["attack"] for r in rows) == ["badnet", "blended", "bpp", "lf"]
-    for r in rows:
+    rows = [r for r in every if r["method"] == "gradprune"]  # the default (robust) recipe
+    paper = {r["attack"]: r for r in every if r["method"] == "gradprune-paper"}
+    assert sorted(r["attack"] for r in rows) == ["badnet", "blended", "bpp", "lf"] == sorted(paper)
+    for r in rows + list(paper.values()):
         assert ROW_KEYS <= r.keys() and STAGES <= r["timing_s"].keys()
         assert r["dataset"] == "digits" and r["spc"] == 10 and r["seed"] == 0
         assert r["backdoored_model"]["trigger_changed_pixel_share"] > 0
         assert r["after"]["n_clean"] == r["before"]["n_clean"] > 300  # same test images before and after
         assert r["after"]["acc"] >= r["before"]["acc"] - 0.05
         assert r["rounds"] == len(r["pruned"]) <= r["rounds_tried"]
+        assert r["recipe"] == ("robust" if r["method"] == "gradprune" else "paper")
+    for r in rows:  # both recipes defend the same model with the same few-shot draw and test images
+        assert r["before"] == paper[r["attack"]]["before"]
 
     # the baselines ran on the same model, draw and test images as Grad-Prune's BadNets row
-    baselines = {r["method"]: r for r in every if r["method"] != "gradprune"}
+    baselines = {r["method"]: r for r in every if not r["method"].startswith("gradprune")}
     assert sorted(baselines) == ["anp", "clp", "fp", "ft", "ftsam", "nad"]
     badnet = next(r for r in rows if r["attack"] == "badnet")
     for r in baselines.values():
@@ -41,7 +45,8 @@ def test_smoke_tier(tmp_path):
         assert r["before"] == badnet["before"] and r["backdoored_model"] == badnet["backdoored_model"]
         assert r["rounds"] == len(r["pruned"])
 
-    # the three static attacks take hold on digits in 8 epochs, and the defence removes them
+    # the three static attacks take hold on digits in 12 epochs, and the default recipe removes them (the paper's
+    # recipe is not held to it: on one machine its LF row ended where it began, stopped by one validation image)
     # (BPP's colour squeeze barely changes near-binary digit strokes: its smoke model learns no backdoor)
     took_hold = {r["attack"]: r for r in rows if r["before"]["asr"] >= 0.5}
     assert {"badnet", "blended", "lf"} <= took_hold.keys()
@@ -50,8 +55,10 @@ def test_smoke_tier(tmp_path):
         assert r["after"]["ra"] > r["before"]["ra"]
 
     table = (results / "table.md").read_text()
-    assert table.count("| digits |") == 4 + 6 + 1 and "scatter_digits.png" in table  # + the winners row
-    assert "Which method wins where" in table
+    # 4 rows per recipe, 6 baselines, a recipe-against-recipe row per attack, and a winners row for each cell where a
+    # backdoor took hold and two methods ran
+    assert table.count("| digits |") == 4 + 4 + 6 + 4 + 3 and "scatter_digits.png" in table
+    assert "Which method wins where" in table and "The default recipe against the paper's" in table
     assert (results / "scatter_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((cache / "models").iterdir())) == 4
 

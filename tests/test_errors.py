@@ -127,6 +127,7 @@ def test_remote_code_refused_unless_opted_in(hf_backdoor, tmp_path, capsys):
 def test_bad_numbers(run_bad):
     run_bad("--alpha", "1.5", expect=("--alpha 1.5",))
     run_bad("--max-rounds", "0", expect=("--max-rounds 0",))
+    run_bad("--distill", "-1", expect=("--distill -1",))
 
 
 def test_missing_split(run_bad):

@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from conftest import read_report, run_cli
+from conftest import PRUNING, read_report, run_cli
 from hf_gradprune.hub import load_model
 from hf_gradprune.metrics import attack_metrics
 from hf_gradprune.triggers import TriggerSpec, make_trigger
@@ -100,7 +100,7 @@ def test_card_metadata_parses_back(timm_result):
 def test_same_seed_same_filters_and_numbers(timm_backdoor, timm_result, tmp_path):
     _, first = timm_result
     out = tmp_path / "again"
-    assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet") == 0
+    assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet", *PRUNING) == 0
     second = read_report(out)
     assert second["pruned"] == first["pruned"]
     assert (second["before"], second["after"], second["finetune_epochs"]) == \
@@ -114,7 +114,8 @@ def test_transformers_backdoor_removed_and_reloads(hf_backdoor, tmp_path):
     out = tmp_path / "hf-out"
     assert run_cli(hf_backdoor["model"], "--data", hf_backdoor["data"], "--output", out, "--quiet") == 0
     report = read_report(out)
-    assert_backdoor_removed(report)
+    assert_backdoor_removed(report)  # the default recipe: no pruning, its fine-tuning alone
+    assert report["method"]["recipe"] == "robust" and report["pruned"] == []
     assert report["source"]["library"] == "transformers"
     src = Path(hf_backdoor["model"])
     assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
@@ -141,7 +142,7 @@ def test_named_target_and_eval_limit(timm_backdoor, tmp_path):
 def test_opt_in_score_variant_is_used_and_said_in_the_card(timm_backdoor, timm_result, tmp_path):
     out = tmp_path / "variant"
     assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet",
-                   "--score", "grad_x_weight", "--score-norm", "layer") == 0
+                   "--score", "grad_x_weight", "--score-norm", "layer", *PRUNING) == 0
     report = read_report(out)
     assert report["config"]["prune"]["score"] == "grad_x_weight" and report["config"]["prune"]["normalise"] == "layer"
     assert_backdoor_removed(report)

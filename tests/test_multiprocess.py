@@ -15,7 +15,9 @@ from hf_gradprune.parallel import Procs
 # Fine-tuning is capped at 5 epochs: each data-parallel step equals one process's up to fp32 summation order, and SGD
 # amplifies such differences with every step (as it does those between 1 and 2 threads on ONE process, which were
 # larger still when measured: see benchmarks/multiproc.py). 5 epochs keep them within fp32 reduction tolerance.
-ARGS = ["--batch-size", "32", "--tune-batch-size", "16", "--max-epochs", "5", "--quiet"]
+# `--max-rounds 500` switches the robust recipe's pruning on (its default does not prune), so the pruning decisions are
+# shared out too; its distillation fine-tuning runs as in the default.
+ARGS = ["--batch-size", "32", "--tune-batch-size", "16", "--max-epochs", "5", "--max-rounds", "500", "--quiet"]
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")  # the venv's launcher
 LAUNCH = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no", "--main_process_port", "0"]
@@ -51,8 +53,12 @@ def test_two_processes_prune_the_same_filters_and_measure_the_same(one_and_two):
     for a, b in zip(one["prune"]["rounds"], two["prune"]["rounds"], strict=True):  # every round tried, also undone
         assert (a["layer"], a["filter"], a["val_acc"], a["val_asr"]) == (b["layer"], b["filter"], b["val_acc"], b["val_asr"])
         assert a["val_unlearning_loss"] == b["val_unlearning_loss"]  # per-chunk sums in chunk order: bit for bit
+        assert (a["fewshot_acc"], a["fewshot_unlearning_loss"], a["undone"]) == \
+            (b["fewshot_acc"], b["fewshot_unlearning_loss"], b["undone"])  # the robust recipe's checks, also exact
         assert b["score"] == pytest.approx(a["score"], rel=1e-5)  # gradients all-reduced: fp32 summation order
     assert two["prune"]["stop_reason"] == one["prune"]["stop_reason"]
+    assert one["method"]["recipe"] == "robust" and one["prune"]["check_on"] == "fewshot"
+    assert one["config"]["tune"]["distill"] > 0
     assert two["before"] == one["before"] and two["after"] == one["after"]
     assert (two["finetune"]["epochs"], two["finetune"]["best_epoch"]) == (one["finetune"]["epochs"], one["finetune"]["best_epoch"])
     assert two["finetune"]["val_accs"] == one["finetune"]["val_accs"]

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 # name -> (title, one line on what it does, reference)
 METHODS: dict[str, tuple[str, str, str]] = {
-    "gradprune": ("Grad-Prune", "gradient-based pruning of conv filters followed by fine-tuning",
+    "gradprune": ("Grad-Prune", "unlearning the trigger through the unlearning loss (triggered images against their "
+                  "true labels): gradient-based pruning of conv filters and fine-tuning, as the recipe below says",
                   "Dunnett et al., Unlearning Backdoor Attacks through Gradient-Based Model Pruning, 2024"),
     "ft": ("FT", "fine-tuning on the clean few-shot images", "BackdoorBench (Wu et al., 2022) baseline"),
     "fp": ("FP", "pruning the least-activated channels feeding the classifier, then fine-tuning",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 import torch
 
-from ..finetune import finetune
-from ..plot import plot_rounds
+from ..finetune import finetune, probabilities
+from ..plot import plot_curve, plot_rounds
 from ..progress import ProgressEvent
 from ..prune import FilterPruner, PruneRound, gradient_prune, round_floor
 from . import Defence
@@ -18,33 +18,78 @@ def defend(job, cfg, emit) -> Defence:
     timing = {}
     start = time.perf_counter()
     pruner = FilterPruner(model, job.loaded.net, t["train"][:1])
-    emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {pruner.num_filters} filters"))
+    # what a triggered image should give: the original model's output on its CLEAN twin, taken before any change
+    clean_outputs = probabilities(model, t["train"], cfg.batch_size) if cfg.tune.distill > 0 else None
+    if cfg.prune.max_rounds:
+        emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {pruner.num_filters} filters"))
 
     def on_round(r: PruneRound) -> None:
         emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer}[{r.filter}]",
                            values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss, "val_asr": r.val_asr}))
     pruned = gradient_prune(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], t["val_y"],
-                            cfg.prune, job.target, cfg.batch_size, on_round, job.procs)
+                            cfg.prune, job.target, cfg.batch_size, on_round, job.procs, train_clean=t["train"])
     timing["prune"] = time.perf_counter() - start
     timing["per_round"] = timing["prune"] / max(1, len(pruned.rounds))
     if cfg.measure_floor:
-        timing["round_floor"] = round_floor(model, pruner.convs, t["trig_train"], t["train_y"], t["val"], t["trig_val"],
-                                            cfg.batch_size)
+        checked = ((t["val"], t["trig_val"]) if cfg.prune.check_on == "val" else
+                   (torch.cat([t["val"], t["train"]]), torch.cat([t["trig_val"], t["trig_train"]])))
+        timing["round_floor"] = round_floor(model, pruner.convs, t["trig_train"], t["train_y"], *checked, cfg.batch_size)
     start = time.perf_counter()
     emit(ProgressEvent("finetune", total=cfg.tune.max_epochs, message="fine-tuning on clean + triggered images"))
+    make_optimizer = None
+    if cfg.tune.sam_rho > 0:
+        from .ftsam import SAM
+
+        def make_optimizer(params, tc):
+            return SAM(params, tc.sam_rho, True, tc.lr, tc.momentum, tc.weight_decay)
     tuned = finetune(model, torch.cat([t["train"], t["trig_train"]]), torch.cat([t["train_y"], t["train_y"]]),
                      t["val"], t["val_y"], cfg.tune, pruner, cfg.seed,
                      lambda e, loss: emit(ProgressEvent("finetune", step=e, total=cfg.tune.max_epochs,
-                                                        values={"val_loss": loss})), procs=job.procs)
+                                                        values={"val_loss": loss})), procs=job.procs,
+                     reference_correct=round(pruned.base_val_acc * len(t["val_y"])), val_triggered=t["trig_val"],
+                     make_optimizer=make_optimizer,
+                     soft_targets=None if clean_outputs is None else torch.cat([clean_outputs, clean_outputs]))
     timing["finetune"] = time.perf_counter() - start
     layers = len({p["layer"] for p in pruned.pruned})
-    summary = (f"{len(pruned.pruned)} filters in {layers} conv layers (of {pruner.num_filters} filters), chosen one per "
-               f"round by {score_desc(cfg.prune)}; pruning stopped after {len(pruned.rounds)} rounds "
-               f"({pruned.stop_reason}) and kept the round with the lowest validation unlearning loss within "
-               f"alpha = {cfg.prune.alpha}. Fine-tuning on clean + triggered images ran {tuned.epochs} epochs "
-               f"(best: epoch {tuned.best_epoch}).")
+    where = "validation split" if cfg.prune.check_on == "val" else "clean few-shot images (train + validation)"
+    skipped = (f" {pruned.skipped} filters whose removal broke the bound were restored and never tried again."
+               if pruned.skipped else "")
+    kept = {"loss": "lowest clean validation loss",
+            "unlearning_within_alpha": "lowest clean + unlearning validation loss within alpha",
+            "latest_within_alpha": "latest epoch within alpha"}[cfg.tune.select]
+    if cfg.prune.max_rounds == 0:
+        pruning = (f"No filter pruned (the {cfg.recipe} recipe does not prune: after its fine-tuning, pruning was "
+                   f"measured to cost clean accuracy and to remove no more of the backdoor; `--max-rounds N` prunes).")
+    else:
+        pruning = (f"{len(pruned.pruned)} filters in {layers} conv layers (of {pruner.num_filters} filters), chosen one "
+                   f"per round by {score_desc(cfg.prune)}; pruning stopped after {len(pruned.rounds)} rounds "
+                   f"({pruned.stop_reason}) and kept the round with the lowest unlearning loss within alpha = "
+                   f"{cfg.prune.alpha}, both measured on the {where}.{skipped}")
+    summary = (f"Recipe {cfg.recipe}. {pruning} Fine-tuning on clean + triggered images (lr {cfg.tune.lr:g}, "
+               f"{cfg.tune.schedule}; {targets(cfg.tune)}) ran {tuned.epochs} epochs and kept epoch "
+               f"{tuned.best_epoch} ({kept}).")
     return Defence(pruned.pruned, pruner.num_filters, summary, pruned.to_dict(), tuned, timing,
-                   lambda path: plot_rounds(pruned, cfg.prune.alpha, path))
+                   lambda path: plot_rounds(pruned, cfg.prune.alpha, path) if pruned.rounds else
+                   plot_finetune(tuned, path))
+
+
+def plot_finetune(tuned, path):
+    """Without pruning rounds the picture is the fine-tuning: how the validation losses moved, and the kept epoch."""
+    series = {"clean val loss": tuned.val_losses}
+    if len(tuned.val_unlearning_losses) == len(tuned.val_losses):
+        series["val unlearning loss (triggered twins vs true labels)"] = tuned.val_unlearning_losses
+    return plot_curve(path, f"Fine-tuning on clean + triggered images: {tuned.epochs} epochs", "epoch",
+                      list(range(len(tuned.val_losses))), series, ylabel="cross-entropy",
+                      marker=(tuned.best_epoch, f"kept: epoch {tuned.best_epoch}"))
+
+
+def targets(tune_cfg) -> str:
+    """What fine-tuning teaches a clean image and its triggered twin."""
+    parts = ["their true label"] if tune_cfg.hard_labels > 0 else []
+    if tune_cfg.distill > 0:
+        parts.append("the original model's output on the clean image" +
+                     (f" (weight {tune_cfg.distill:g})" if tune_cfg.hard_labels > 0 else ""))
+    return "both learn " + " and ".join(parts)
 
 
 def score_desc(prune_cfg) -> str:

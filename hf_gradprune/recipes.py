@@ -1,0 +1,45 @@
+"""Grad-Prune's two recipes: `paper`, the procedure of Dunnett et al. (2024) exactly, and `robust`, the default.
+
+`PruneConfig()` and `TuneConfig()` hold the paper's values; a recipe is the named set of changes on top of them, so
+`--recipe paper` reproduces the paper's runs bit for bit and every flag still overrides either recipe.
+Why `robust` is what it is (each choice measured on the cpu tier, the rejected ones too): README "Results" and
+`benchmarks/results/cpu-recipes.md`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .errors import UserError
+from .finetune import TuneConfig
+from .prune import PruneConfig
+
+DEFAULT_RECIPE = "robust"
+
+# name -> (one line for the card and the report, pruning changes, fine-tuning changes)
+RECIPES: dict[str, tuple[str, dict, dict]] = {
+    "robust": ("no pruning (after this fine-tuning, pruning measured as costing clean accuracy and removing no more "
+               "of the backdoor; `--max-rounds N` prunes with the bound on all few-shot images and a filter that breaks "
+               "it restored and skipped); fine-tuning on the clean and triggered images at lr 0.001 on a cosine "
+               "schedule teaches each clean image and its triggered twin their true label and the original model's "
+               "output on the clean image, and keeps the epoch with the lowest clean + unlearning validation loss "
+               "among those within alpha, waiting 30 epochs for a better one",
+               dict(max_rounds=0, check_on="fewshot", on_break="skip", max_skips=10),
+               dict(lr=0.001, schedule="cosine", distill=3.0, select="unlearning_within_alpha", patience=30)),
+    "paper": ("the paper's procedure: the accuracy bound and the kept round on the validation split, pruning ends at "
+              "the first filter that breaks the bound; fine-tuning at lr 0.001 keeps the epoch with the lowest clean "
+              "validation loss",
+              {}, {}),
+}
+
+
+def recipe_configs(name: str) -> tuple[PruneConfig, TuneConfig]:
+    """The pruning and fine-tuning configuration of a recipe."""
+    if name not in RECIPES:
+        raise UserError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
+    _, prune, tune = RECIPES[name]
+    return replace(PruneConfig(), **prune), replace(TuneConfig(), **tune)
+
+
+def describe(name: str) -> str:
+    return RECIPES[name][0]

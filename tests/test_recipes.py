@@ -1,0 +1,159 @@
+"""Grad-Prune's two recipes: `--recipe paper` is the paper's procedure, the default (robust) recipe does not give up
+on one unlucky filter. The unlucky filter is built for real: an early filter (stem or first stage) that clean
+accuracy depends on, whose gradient score is made the largest of all by a reparametrisation that leaves the model's
+function unchanged."""
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import read_report, run_cli
+from hf_gradprune.cli import job_config
+from hf_gradprune.finetune import TuneConfig
+from hf_gradprune.pipeline import JobConfig, prepare
+from hf_gradprune.prune import CheckStats, FilterPruner, PruneConfig, check_stats, filter_scores
+from hf_gradprune.recipes import RECIPES, recipe_configs
+from test_main_job import assert_backdoor_removed
+
+ALPHA = 0.10
+# 3 validation images per class (7 train + 3 val at SPC 10), so that "breaks alpha on the validation split" is a
+# margin of several images and not the one image that decided the run in the issue this test comes from
+VAL = ["--val-ratio", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def trap(timm_backdoor, tmp_path_factory):
+    """The backdoored digits model with its first pruning candidate made a trap: the filter whose removal costs the
+    most clean few-shot accuracy gets its conv weights scaled by s and the running statistics of the norm it feeds by
+    s and s^2. In eval mode the model computes the same function, but that filter's gradient grows by 1/s: the
+    paper's score is not scale-invariant, as the 1x1 shortcut convs it favours on real models show."""
+    job = prepare(JobConfig(model=str(timm_backdoor["model"]), data=str(timm_backdoor["data"]), val_ratio=0.3))
+    model, t = job.loaded.model, job.tensors
+    pruner = FilterPruner(model, job.loaded.net, t["train"][:1])
+    clean, labels = torch.cat([t["train"], t["val"]]), torch.cat([t["train_y"], t["val_y"]])
+    n_val = len(t["val_y"])
+
+    @torch.inference_mode()
+    def misses() -> torch.Tensor:  # per image: wrong or not, the val images last
+        return model(clean).argmax(1) != labels
+
+    base = misses()
+    drops = {}
+    width = pruner.convs[0][1].out_channels
+    for i, (name, conv) in enumerate(pruner.convs):  # the stem and the first stage: early filters every image needs
+        if not pruner.norms.get(name) or conv.out_channels != width:
+            continue
+        for f in range(conv.out_channels):
+            pruner.prune(i, f)
+            now = misses()
+            drops[(i, f)] = (int(now.sum() - base.sum()), int(now[-n_val:].sum() - base[-n_val:].sum()))
+            pruner.undo_last()
+    conv_idx, f_trap = max(drops, key=lambda k: drops[k])
+    name = pruner.convs[conv_idx][0]
+    # the situation: removing this one filter costs at least twice the misses alpha tolerates, on both the few-shot set
+    # and the val split
+    assert drops[(conv_idx, f_trap)][0] >= 2 * ALPHA * len(labels), drops[(conv_idx, f_trap)]
+    assert drops[(conv_idx, f_trap)][1] >= 2 * ALPHA * n_val, drops[(conv_idx, f_trap)]
+
+    scores = filter_scores(model, pruner.convs, t["trig_train"], t["train_y"], 256)
+    s = 0.25 * float(scores[pruner.offsets[conv_idx] + f_trap]) / float(scores.max())  # its score: 4x the largest
+    modules = {m: n for n, m in job.loaded.net.named_modules()}
+    norm = pruner.norms[name][0]
+    weights = load_file(timm_backdoor["model"] / "model.safetensors")
+    var = weights[f"{modules[norm]}.running_var"][f_trap]
+    assert s * s * (var + norm.eps) > 2 * norm.eps  # the new running variance stays positive
+    weights[f"{name}.weight"][f_trap] *= s
+    weights[f"{modules[norm]}.running_mean"][f_trap] *= s
+    weights[f"{modules[norm]}.running_var"][f_trap] = s * s * (var + norm.eps) - norm.eps
+    folder = tmp_path_factory.mktemp("trap") / "model"
+    shutil.copytree(timm_backdoor["model"], folder)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder, name, f_trap
+
+
+def _run(trap, data, tmp_path, *extra):
+    out = tmp_path / "out"
+    assert run_cli(trap[0], "--data", data, "--output", out, "--quiet", *VAL, *extra) == 0
+    return read_report(out)
+
+
+def test_paper_recipe_stops_on_the_trap(trap, timm_backdoor, tmp_path):
+    report = _run(trap, timm_backdoor["data"], tmp_path, "--recipe", "paper")
+    rounds = report["prune"]["rounds"]
+    # the trap really is the first candidate, and the paper's rule ends pruning on it with nothing kept
+    assert [(r["layer"], r["filter"]) for r in rounds] == [trap[1:]]
+    assert report["prune"]["stop_reason"] == "accuracy" and report["prune"]["kept_rounds"] == 0
+    assert report["pruned"] == [] and report["rounds"] == 0
+    assert report["method"]["recipe"] == "paper"
+
+
+def test_robust_pruning_skips_the_trap_and_removes_the_backdoor(trap, timm_backdoor, tmp_path):
+    """The robust recipe with pruning switched on (`--max-rounds`): the trap is undone and skipped, never kept."""
+    report = _run(trap, timm_backdoor["data"], tmp_path, "--max-rounds", "500")
+    first = report["prune"]["rounds"][0]
+    assert (first["layer"], first["filter"], first["undone"]) == (*trap[1:], True)
+    assert trap[1:] not in [(p["layer"], p["filter"]) for p in report["pruned"]]
+    assert len(report["pruned"]) >= 1
+    assert_backdoor_removed(report)
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert weights[f"{trap[1]}.weight"][trap[2]].abs().sum() > 0  # the undone filter is intact in the saved model
+    for p in report["pruned"]:
+        assert weights[f"{p['layer']}.weight"][p["filter"]].abs().sum() == 0
+
+
+def test_default_recipe_removes_the_backdoor_the_paper_recipe_left(trap, timm_backdoor, tmp_path):
+    report = _run(trap, timm_backdoor["data"], tmp_path)
+    assert report["method"]["recipe"] == "robust"
+    assert report["prune"]["rounds"] == [] and report["pruned"] == []  # the default does not prune
+    assert report["finetune"]["best_epoch"] >= 1  # fine-tuning did the work, and kept a trained epoch
+    assert_backdoor_removed(report)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Recipe **robust**" in card and "--recipe paper" in card and "original model's output" in card
+
+
+def test_recipes_are_named_sets_over_the_paper_defaults():
+    paper_prune, paper_tune = recipe_configs("paper")
+    assert (paper_prune, paper_tune) == (PruneConfig(), TuneConfig())  # the dataclass defaults are the paper's
+    robust_prune, robust_tune = recipe_configs("robust")
+    assert (robust_prune.max_rounds, robust_prune.check_on, robust_prune.on_break) == (0, "fewshot", "skip")
+    assert robust_tune.select == "unlearning_within_alpha" and robust_tune.distill > 0
+    assert set(RECIPES) == {"robust", "paper"}
+    cfg, _ = job_config(["m", "--data", "d"])
+    assert cfg.recipe == "robust" and (cfg.prune, cfg.tune) == (robust_prune, robust_tune)
+    cfg, _ = job_config(["m", "--data", "d", "--recipe", "paper", "--alpha", "0.2"])
+    assert cfg.prune == PruneConfig(alpha=0.2) and cfg.tune == TuneConfig()
+    cfg, _ = job_config(["m", "--data", "d", "--lr", "0.005", "--max-epochs", "7"])  # flags override the recipe
+    assert (cfg.tune.lr, cfg.tune.max_epochs, cfg.tune.schedule) == (0.005, 7, robust_tune.schedule)
+    cfg, _ = job_config(["m", "--data", "d", "--distill", "0"])
+    assert cfg.tune == replace(robust_tune, distill=0.0)
+    assert JobConfig(model="m", data="d", recipe="paper").prune == PruneConfig()
+
+
+def test_check_stats_add_up_exactly():
+    a, b = CheckStats(3, 1.5, 2, 4, 3), CheckStats(1, 0.5, 0, 2, 1)
+    total = a + b
+    assert (total.correct, total.loss_sum, total.hits, total.n, total.n_non_target) == (4, 2.0, 2, 6, 4)
+    assert (total.acc, total.unlearning_loss, total.asr) == (4 / 6, 2.0 / 6, 0.5)
+    assert CheckStats(0, 0.0, 0, 0, 0).asr is None
+
+
+def test_distilling_one_hot_targets_is_cross_entropy():
+    """The distillation term is KL(target || model): with one-hot targets and no hard-label term it is the plain
+    cross-entropy, so the two fine-tunings take the same steps."""
+    import torch.nn as nn
+    from hf_gradprune.finetune import finetune
+
+    def run(**kw):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        x = torch.randn(20, 3, 2, 2)
+        y = torch.arange(20) % 3
+        cfg = TuneConfig(lr=0.1, max_epochs=3, batch_size=8, patience=5, **kw)
+        finetune(net, x, y, x[:6], y[:6], cfg, None, seed=0,
+                 soft_targets=torch.eye(3)[y] if kw else None)
+        return net[1].weight.detach()
+
+    torch.testing.assert_close(run(distill=1.0, hard_labels=0.0), run(), rtol=1e-5, atol=1e-6)
