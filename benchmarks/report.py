@@ -28,7 +28,7 @@ def paper_cells() -> dict:
     return {(r["attack"], r["spc"], r["method"]): r for r in table["rows"]}
 
 
-METHOD_ORDER = ("gradprune", "ft", "fp", "nad", "clp", "ftsam", "anp")
+METHOD_ORDER = ("gradprune", "gradprune-paper", "ft", "fp", "nad", "clp", "ftsam", "anp")
 
 
 def method_of(row: dict) -> str:
@@ -36,6 +36,7 @@ def method_of(row: dict) -> str:
 
 
 def _paper(cells: dict, dataset: str, attack: str, spc: int, key: str, method: str = "gradprune") -> str:
+    method = "gradprune" if method == "gradprune-paper" else method  # Table I has one Grad-Prune: the paper's
     r = cells.get((attack, spc, method)) if dataset == "cifar10" else None
     if not r or r.get(f"{key}_mean") is None:
         return "n/a"
@@ -76,7 +77,8 @@ def table(rows: list[dict]) -> str:
             f"{f'{statistics.median(floors):.2f}' if floors else '-'} | "
             f"{statistics.median(r['wall_s'] for r in rs):.0f} |")
     lines.append("")
-    lines.append("Mean ± std over seeds, in %, on the full test set. 'vs paper': our mean ASR against the paper's "
+    lines.append("Mean ± std over seeds, in %, on the full test set. 'gradprune': Grad-Prune in its default (robust) "
+                 "recipe; 'gradprune-paper': in the paper's recipe (`--recipe paper`). 'vs paper': our mean ASR against the paper's "
                  "mean for the same method with the test ACC drop within alpha = 0.1. 'no backdoor planted': the "
                  "attack did not take hold in training (ASR before < 50 %), so the cell does not test the defence. "
                  "'zeroed': channels the defence zeroed (Grad-Prune: filters kept pruned). "
@@ -93,8 +95,9 @@ def winners(rows: list[dict], alpha: float = 0.10) -> str:
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["attack"], r["spc"]), {}).setdefault(method_of(r), []).append(r)
-    lines = ["| dataset | attack | SPC | seeds | best (ASR after, ACC drop) | Grad-Prune rank | ASR after by method |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | attack | SPC | seeds | best (ASR after, ACC drop) | Grad-Prune rank | paper recipe rank | "
+             "ASR after by method |",
+             "|---|---|---|---|---|---|---|---|"]
     for (d, a, s), by_method in sorted(cells.items()):
         if len(by_method) < 2 or statistics.mean(r["before"]["asr"] for rs in by_method.values() for r in rs) < 0.5:
             continue
@@ -108,15 +111,43 @@ def winners(rows: list[dict], alpha: float = 0.10) -> str:
                         statistics.mean(r["before"]["acc"] - r["after"]["acc"] for r in rs))
         ok = sorted((asr, m) for m, (asr, drop) in stats.items() if drop <= alpha)
         best = f"{ok[0][1]} ({100 * ok[0][0]:.1f}, {100 * stats[ok[0][1]][1]:.1f})" if ok else "none within alpha"
-        rank = next((i + 1 for i, (_, m) in enumerate(ok) if m == "gradprune"), None)
+        def rank(method: str) -> str:
+            at = next((i + 1 for i, (_, m) in enumerate(ok) if m == method), None)
+            return f"{at} of {len(ok)}" if at else "outside alpha" if method in stats else "-"
         by = ", ".join(f"{m} {100 * stats[m][0]:.1f}{'' if stats[m][1] <= alpha else '*'}"
                        for m in METHOD_ORDER if m in stats)
-        lines.append(f"| {d} | {a} | {s} | {len(seeds)} | {best} | "
-                     f"{f'{rank} of {len(ok)}' if rank else 'outside alpha' if 'gradprune' in stats else '-'} | {by} |")
+        lines.append(f"| {d} | {a} | {s} | {len(seeds)} | {best} | {rank('gradprune')} | {rank('gradprune-paper')} | {by} |")
     lines.append("")
     lines.append("Mean over the seeds every method ran, in %. A method whose mean test ACC drop exceeds alpha = 0.1 "
                  "(marked *) is not ranked.")
     return "\n".join(lines)
+
+
+def recipes(rows: list[dict]) -> str:
+    """Grad-Prune's default (robust) recipe against the paper's, draw by draw: the same model, few-shot draw and test
+    images in both, so 'worst draw' is the largest ASR by which the default did worse than the paper on one seed."""
+    pairs: dict[tuple, list[tuple[dict, dict]]] = {}
+    paper = {(r["dataset"], r["attack"], r["spc"], r["seed"]): r for r in rows if method_of(r) == "gradprune-paper"}
+    for r in rows:
+        key = (r["dataset"], r["attack"], r["spc"], r["seed"])
+        if method_of(r) == "gradprune" and key in paper:
+            pairs.setdefault(key[:3], []).append((r, paper[key]))
+    lines = ["| dataset | attack | SPC | seeds | ASR before | paper: ACC / ASR / RA | robust: ACC / ASR / RA | "
+             "ASR robust - paper, worst draw | ACC drop paper / robust |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def mean(rs, part, key):
+        return 100 * statistics.mean(r[part][key] for r in rs)
+    for (d, a, s), ps in sorted(pairs.items()):
+        robust, pap = [p[0] for p in ps], [p[1] for p in ps]
+        worst = max(100 * (r["after"]["asr"] - p["after"]["asr"]) for r, p in ps)
+        lines.append(f"| {d} | {a} | {s} | {len(ps)} | {mean(pap, 'before', 'asr'):.1f} | "
+                     + " | ".join(" / ".join(f"{mean(rs, 'after', k):.1f}" for k in ("acc", "asr", "ra"))
+                                  for rs in (pap, robust))
+                     + f" | {worst:+.1f} | {mean(pap, 'before', 'acc') - mean(pap, 'after', 'acc'):.1f} / "
+                       f"{mean(robust, 'before', 'acc') - mean(robust, 'after', 'acc'):.1f} |")
+    lines.append("")
+    lines.append("Mean over the seeds both recipes ran, in %; each seed is one few-shot draw, defended by both recipes.")
+    return "\n".join(lines) if pairs else ""
 
 
 def scatter(rows: list[dict], path: Path, dataset: str) -> Path | None:
@@ -129,7 +160,7 @@ def scatter(rows: list[dict], path: Path, dataset: str) -> Path | None:
     attacks = sorted({r["attack"] for r in rows})
     spcs = sorted({r["spc"] for r in rows})
     colours = dict(zip(spcs, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
-    markers = dict(zip(METHOD_ORDER, "o^sDvP*"))
+    markers = dict(zip(METHOD_ORDER, "o^sDvPX*"))
     several = len({method_of(r) for r in rows}) > 1
     fig, axes = plt.subplots(2, len(attacks), figsize=(3.2 * len(attacks), 6), dpi=100, squeeze=False)
     for j, attack in enumerate(attacks):
@@ -162,6 +193,9 @@ def scatter(rows: list[dict], path: Path, dataset: str) -> Path | None:
 def write_report(tier: str, folder: Path) -> str:
     rows = load_rows(folder)
     text = f"# hf-gradprune benchmark, tier `{tier}`\n\n" + table(rows) + "\n"
+    both = recipes(rows)
+    if both:
+        text += "\n## The default recipe against the paper's, draw by draw\n\n" + both + "\n"
     if len({method_of(r) for r in rows}) > 1:
         text += "\n## Which method wins where\n\n" + winners(rows) + "\n"
     for dataset in sorted({r["dataset"] for r in rows}):
@@ -174,23 +208,29 @@ def write_report(tier: str, folder: Path) -> str:
 
 
 def compare_variants(results: Path, tier: str) -> str:
-    """Opt-in variants side by side with the faithful default, on the cells both ran (mean over seeds, in %)."""
-    default = [r for r in load_rows(results / tier) if method_of(r) == "gradprune"]
-    variants = sorted(p for p in results.glob(f"{tier}-*") if p.is_dir() and not p.name.endswith("-dryrun"))
+    """Grad-Prune's variants (variants.py) side by side with its two recipes, on the cells they ran (mean over seeds,
+    in %); each variant's column says which recipe it changes."""
+    from variants import VARIANTS
+    tier_rows = load_rows(results / tier)
+    columns = [("robust", [r for r in tier_rows if method_of(r) == "gradprune"]),
+               ("paper", [r for r in tier_rows if method_of(r) == "gradprune-paper"])]
+    folders = sorted(p for p in results.glob(f"{tier}-*") if p.is_dir() and p.name[len(tier) + 1:] in VARIANTS)
+    columns += [(p.name[len(tier) + 1:], load_rows(p)) for p in folders]
     by_cell = {}
-    for name, rows in [("default", default)] + [(p.name[len(tier) + 1:], load_rows(p)) for p in variants]:
+    for name, rows in columns:
         for r in rows:
             by_cell.setdefault((r["dataset"], r["attack"], r["spc"]), {}).setdefault(name, []).append(r)
-    names = ["default"] + [p.name[len(tier) + 1:] for p in variants]
+    names = [n for n, rows in columns if rows]
     lines = ["| dataset | attack | SPC | " + " | ".join(f"{n}: ACC / ASR / RA" for n in names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     totals = {n: [] for n in names}
     for (d, a, s), cell in sorted(by_cell.items()):
-        if len(cell) < 2 or "default" not in cell or statistics.mean(r["before"]["asr"] for r in cell["default"]) < 0.5:
+        if len(cell) < 2 or statistics.mean(r["before"]["asr"] for rs in cell.values() for r in rs) < 0.5:
             continue  # nothing to compare, or no backdoor planted (the cell does not test a defence)
+        seeds = set.intersection(*({r["seed"] for r in rs} for rs in cell.values()))
         cols = []
         for n in names:
-            rs = cell.get(n)
+            rs = [r for r in cell.get(n, []) if r["seed"] in seeds]
             if not rs:
                 cols.append("-")
                 continue
@@ -201,6 +241,7 @@ def compare_variants(results: Path, tier: str) -> str:
     lines.append("| **mean** | | | " + " | ".join(
         " / ".join(f"{statistics.mean(v[i] for v in totals[n]):.1f}" for i in range(3)) if totals[n] else "-"
         for n in names) + " |")
-    lines.append("\nMean over seeds, in %, after the defence; cells whose attack did not take hold are left out. "
-                 "finetune-only: the ablation with no pruning (the fine-tuning stage alone).")
+    lines.append("\nMean over the seeds every column ran in the cell, in %, after the defence; cells whose attack did "
+                 "not take hold are left out. robust / paper: the two recipes. Variants (benchmarks/variants.py):")
+    lines += [f"- {n}: {VARIANTS[n][3]}" for n in names if n in VARIANTS]
     return "\n".join(lines)

@@ -5,6 +5,10 @@
     python benchmarks/tiers.py paper [--data ../shared/data] # ResNetV2-18 (pre-activation), full recipe: a GPU job
     python benchmarks/tiers.py cpu --report     # rebuild table and plots from the rows already on disk
     python benchmarks/tiers.py cpu --method ft fp nad clp ftsam anp   # the baselines, on the same cells
+    python benchmarks/tiers.py cpu --variant r-crop --spc 10   # a Grad-Prune variant (variants.py), rows apart
+    python benchmarks/tiers.py cpu --compare    # the variants beside the two recipes
+
+Grad-Prune runs in both recipes: `gradprune` is the default (robust) recipe, `gradprune-paper` the paper's exact one.
 
 Every (dataset, attack, SPC, seed, method) is one row in benchmarks/results/<tier>/rows/; rows and trained models
 already on disk are reused, so an interrupted run continues where it stopped. All methods of a cell run on the same
@@ -24,10 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attacks import ATTACKS, trigger_spec  # noqa: E402
+from variants import VARIANTS, variant_configs  # noqa: E402
 from zoo import CACHE, Recipe, backdoored  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("gradprune", "ft", "fp", "nad", "clp", "ftsam", "anp")
+# "gradprune" = Grad-Prune in its default (robust) recipe, "gradprune-paper" = the paper's recipe, then the baselines
+METHODS = ("gradprune", "gradprune-paper", "ft", "fp", "nad", "clp", "ftsam", "anp")
+GRADPRUNE = ("gradprune", "gradprune-paper")
 # FT-SAM's GTSRB settings; no horizontal flips for traffic signs (the zoo trains GTSRB without them too)
 GTSRB_BASELINE = {"sam_rho": 8.0, "sam_label_smoothing": 0.0, "augment": "crop"}
 
@@ -89,10 +96,15 @@ def baseline_config(t: Tier, dataset: str):
 
 
 def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, data_root: Path, results: Path,
-            cache: Path, log, prune=None, method: str = "gradprune") -> dict:
+            cache: Path, log, method: str = "gradprune", variant: str | None = None) -> dict:
+    """One row; `variant` (variants.py) replaces Grad-Prune's recipe by a variant of it."""
     from hf_gradprune.pipeline import JobConfig, run
-    from hf_gradprune.prune import PruneConfig
-    prune = prune or PruneConfig()
+    from hf_gradprune.recipes import recipe_configs
+    if variant:
+        gp_recipe, prune, tune = variant_configs(variant)
+    else:
+        gp_recipe = "paper" if method == "gradprune-paper" else "robust"
+        prune, tune = recipe_configs(gp_recipe)
     path = row_path(results, dataset, attack, spc, seed, method)
     if path.is_file():
         return json.loads(path.read_text())
@@ -102,28 +114,23 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
         t0 = time.perf_counter()
         res = run(JobConfig(model=str(zoo.folder), data=str(zoo.dataset_folder), output=f"{tmp}/out", spc=spc,
                             seed=seed, trigger=trigger_spec(attack, cache / "triggers"), target=str(recipe.target),
-                            eval_limit=t.eval_limit, measure_floor=method == "gradprune", prune=prune,
-                            method=method, baseline=baseline_config(t, dataset)))
+                            eval_limit=t.eval_limit, measure_floor=method in GRADPRUNE, recipe=gp_recipe, prune=prune,
+                            tune=tune, method="gradprune" if method in GRADPRUNE else method,
+                            baseline=baseline_config(t, dataset)))
         wall = time.perf_counter() - t0
     r = res.report
     timing = r["timing_s"]
     row = {"tier": tier, "dataset": dataset, "model": f"timm {recipe.arch} {recipe.model_args}", "attack": attack,
-           "spc": spc, "seed": seed, "method": method, "variant": variant_name(prune), "before": r["before"], "after": r["after"], "rounds": r["rounds"],
+           "spc": spc, "seed": seed, "method": method, "recipe": gp_recipe if method in GRADPRUNE else None,
+           "variant": variant or "default", "before": r["before"], "after": r["after"], "rounds": r["rounds"],
            "rounds_tried": len(r["prune"].get("rounds", [])), "stop_reason": r["prune"].get("stop_reason"),
            "finetune_epochs": r["finetune_epochs"], "pruned": r["pruned"], "timing_s": timing, "wall_s": wall,
            "per_round_over_floor": timing["per_round"] / timing["round_floor"] if "round_floor" in timing else None,
-           "backdoored_model": {k: zoo.info[k] for k in ("acc", "asr", "ra", "train_s", "trigger_changed_pixel_share")}}
+           "backdoored_model": {k: zoo.info[k] for k in ("acc", "asr", "ra", "train_s", "trigger_changed_pixel_share",
+                                                          "weights_sha256")}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2))
     return row
-
-
-def variant_name(prune) -> str:
-    """'default' for the paper's method, else the opt-in score variant, e.g. 'grad_x_weight+layer'."""
-    if prune.max_rounds == 0:
-        return "finetune-only"  # ablation: no pruning at all, only the fine-tuning stage
-    parts = ([prune.score] if prune.score != "grad" else []) + ([prune.normalise] if prune.normalise != "none" else [])
-    return "+".join(parts) or "default"
 
 
 def main(argv=None) -> int:
@@ -139,26 +146,27 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="*", default=None, help="restrict to these seeds")
     ap.add_argument("--results", type=Path, default=None, help="result folder (default benchmarks/results/<tier>)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="trained models, triggers and built-in datasets")
-    ap.add_argument("--score", default="grad", help="opt-in variant: grad_x_weight (rows go to <tier>-<variant>/)")
-    ap.add_argument("--score-norm", default="none", help="opt-in variant: layer")
-    ap.add_argument("--no-prune", action="store_true", help="ablation: fine-tuning stage only (rows go to <tier>-finetune-only/)")
+    ap.add_argument("--tag", help="results in <tier>-<tag>[-<variant>]/: rows of models trained on another machine "
+                                  "(the same recipe gives other weights on another CPU) are kept apart")
+    ap.add_argument("--variant", choices=sorted(VARIANTS),
+                    help="a Grad-Prune variant (benchmarks/variants.py) in place of the recipes; rows go to <tier>-<variant>/")
     ap.add_argument("--epochs", type=int, help="override the tier's training epochs (a dry run of a GPU tier on CPU)")
     ap.add_argument("--train-limit", type=int, help="train the backdoored models on this many images only (dry run)")
     args = ap.parse_args(argv)
-    from hf_gradprune.prune import PruneConfig
-    prune = PruneConfig(score=args.score, normalise=args.score_norm, max_rounds=0 if args.no_prune else PruneConfig.max_rounds)
     t = TIERS[args.tier]
     if args.epochs or args.train_limit:
         t = replace(t, recipes={d: replace(r, epochs=args.epochs or r.epochs, train_limit=args.train_limit or r.train_limit)
                                 for d, r in t.recipes.items()})
-    variant = variant_name(prune)
-    name = args.tier + ("" if variant == "default" else f"-{variant}") + ("-dryrun" if args.epochs or args.train_limit else "")
+    variant = args.variant
+    name = args.tier + (f"-{args.tag}" if args.tag else "") + (f"-{variant}" if variant else "") + \
+        ("-dryrun" if args.epochs or args.train_limit else "")
     results = args.results or RESULTS / name
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.compare:
         from report import compare_variants
-        text = compare_variants(RESULTS, args.tier)
-        (RESULTS / f"{args.tier}-variants.md").write_text(text + "\n")
+        tier = args.tier + (f"-{args.tag}" if args.tag else "")
+        text = compare_variants(RESULTS, tier)
+        (RESULTS / f"{tier}-variants.md").write_text(text + "\n")
         print(text)
         return 0
     if not args.report:
@@ -166,14 +174,14 @@ def main(argv=None) -> int:
         attacks = [a for a in t.attacks if a in args.only] or t.attacks
         spcs = args.spc or t.spcs
         # per dataset, the cheap SPCs of every attack first, the largest (slowest) SPC last
-        methods = args.method or (t.methods if variant == "default" else ("gradprune",))
+        methods = args.method or (t.methods if not variant else ("gradprune",))
         cells = [(d, a, s, seed, m) for d in datasets for big in (False, True) for s in spcs
                  for seed in args.seeds or t.seeds for m in methods for a in attacks
-                 if (s == max(spcs)) == big and (m == "gradprune" or (a in t.baseline_attacks and (
+                 if (s == max(spcs)) == big and (m in GRADPRUNE or (a in t.baseline_attacks and (
                      args.seeds or seed in t.baseline_seeds.get(s, t.seeds))))]
         for i, (d, a, s, seed, m) in enumerate(cells, 1):
             t0 = time.perf_counter()
-            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, prune, m)
+            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, m, variant)
             log(f"[{i}/{len(cells)}] {d} {a} SPC {s} seed {seed} {m}: ASR {100 * row['before']['asr']:.1f} -> "
                 f"{100 * row['after']['asr']:.1f} %, ACC {100 * row['before']['acc']:.1f} -> "
                 f"{100 * row['after']['acc']:.1f} % ({time.perf_counter() - t0:.0f} s)")

@@ -91,7 +91,8 @@ def backdoored(dataset: str, attack: str, recipe: Recipe, data_root: Path, cache
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache / "models" / f"{dataset}-{attack}-{key}"
     if (folder / "model.safetensors").is_file() and (folder / "zoo_info.json").is_file():
-        return ZooModel(folder, data_dir, json.loads((folder / "zoo_info.json").read_text()))
+        return ZooModel(folder, data_dir, {**json.loads((folder / "zoo_info.json").read_text()),
+                                           "weights_sha256": weights_sha256(folder)})
     arrays, names = load_arrays(spec, data_dir)
     x, y = arrays["train"]
     if recipe.train_limit:
@@ -128,4 +129,10 @@ def backdoored(dataset: str, attack: str, recipe: Recipe, data_root: Path, cache
     save_timm(model, tmp, recipe.model_args, names)
     (tmp / "zoo_info.json").write_text(json.dumps(info, indent=2))
     tmp.rename(folder)
-    return ZooModel(folder, data_dir, info)
+    return ZooModel(folder, data_dir, {**info, "weights_sha256": weights_sha256(folder)})
+
+
+def weights_sha256(folder: Path) -> str:
+    """The same recipe trains other weights on another CPU (another instruction set, other kernels): rows say which
+    model they defended, so that only rows of the same model are compared."""
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()

@@ -1,0 +1,50 @@
+"""Grad-Prune variants measured against the two recipes (`tiers.py TIER --variant NAME`, rows in
+results/<tier>-<NAME>/): each is a recipe plus changes to its PruneConfig / TuneConfig, so every row can be rerun.
+The robust recipe was chosen on CIFAR-10 BadNets / Blended / LF and GTSRB Blended, SPC 10, seed 0, from the
+`search` group; `tiers.py cpu --tag avx2 --compare` prints them side by side. The first three are the opt-in score
+variants and the no-pruning ablation measured earlier, on the paper's recipe."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+_PRUNE = {"max_rounds": 500}  # the robust recipe's pruning rules, switched on
+_LR003 = {"lr": 0.003, "patience": 10}
+
+# name -> (recipe, PruneConfig changes, TuneConfig changes, what it tests)
+VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
+    "grad_x_weight": ("paper", {"score": "grad_x_weight"}, {}, "paper, filter score mean |dL/dW x W|"),
+    "layer": ("paper", {"normalise": "layer"}, {}, "paper, scores divided by their layer's mean"),
+    "finetune-only": ("paper", {"max_rounds": 0}, {}, "paper, no pruning: its fine-tuning stage alone"),
+    # --- search (CIFAR-10 BadNets / Blended / LF and GTSRB Blended, SPC 10, seed 0). "a-": the candidate the search
+    # started from, robust pruning (bound on all few-shot images, a filter that breaks it skipped) + distillation
+    # fine-tuning at lr 0.003, and one change to it; "n-": no pruning. The default (robust) is n- at lr 0.001.
+    "a-prune-lr003": ("robust", _PRUNE, _LR003, "robust pruning + distillation fine-tuning at lr 0.003"),
+    "a-paper-prune": ("robust", {**_PRUNE, "check_on": "val", "on_break": "stop"}, _LR003,
+                      "a- with the paper's pruning (bound on the validation split, stop at the first break)"),
+    "a-objective": ("robust", {**_PRUNE, "keep_on": "objective"}, _LR003,
+                    "a- keeping the pruning round with the lowest clean + unlearning loss"),
+    "a-alpha03": ("robust", {**_PRUNE, "alpha": 0.03}, _LR003, "a- with a pruning bound of 0.03"),
+    "a-objective-alpha03": ("robust", {**_PRUNE, "keep_on": "objective", "alpha": 0.03}, _LR003,
+                            "a- with both of the two above"),
+    "a-nodistill": ("robust", _PRUNE, {**_LR003, "distill": 0.0}, "a- without distillation (true labels only)"),
+    "n-lr003": ("robust", {}, {**_LR003, "patience": 10}, "no pruning, distillation fine-tuning at lr 0.003"),
+    "n-distill-only-lr003": ("robust", {}, {**_LR003, "patience": 10, "hard_labels": 0.0},
+                             "n-lr003 on the distillation targets alone (no true labels)"),
+    "n-hard03-lr003": ("robust", {}, {**_LR003, "patience": 10, "hard_labels": 0.3}, "n-lr003 with the true labels at weight 0.3"),
+    "r-latest30": ("robust", {}, {"select": "latest_within_alpha", "max_epochs": 30, "patience": 10},
+                   "robust, 30 epochs (cosine over 30), keeping the last epoch within alpha"),
+    "r-patience10": ("robust", {}, {"patience": 10}, "robust with the paper's fine-tuning patience of 10"),
+    "r-prune": ("robust", _PRUNE, {}, "robust + robust pruning (`--max-rounds 500`)"),
+    "r-paper-select": ("robust", {}, {"select": "loss"}, "robust with the paper's epoch selection (clean val loss)"),
+    "r-crop": ("robust", {}, {"augment": "crop"}, "robust + random-crop augmentation"),
+    "r-sam": ("robust", {}, {"sam_rho": 2.0}, "robust + FT-SAM's adaptive SAM step (rho 2)"),
+}
+
+
+def variant_configs(name: str):
+    """(recipe, PruneConfig, TuneConfig) of a variant."""
+    from hf_gradprune.recipes import recipe_configs
+    recipe, prune_changes, tune_changes, _ = VARIANTS[name]
+    prune, tune = recipe_configs(recipe)
+    return recipe, replace(prune, **prune_changes), replace(tune, **tune_changes)
