@@ -216,7 +216,7 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                                          value=DEFAULT_RECIPE, label="Grad-Prune recipe", elem_id="recipe")
                     alpha = gr.Number(PruneConfig.alpha, label="alpha: largest val accuracy drop", elem_id="alpha")
                     prune_patience = gr.Number(PruneConfig.patience, label="Pp: pruning patience (rounds)", precision=0)
-                    max_rounds = gr.Number(None, label="Max pruning rounds (empty: the recipe's; robust 0, paper 500)",
+                    max_rounds = gr.Number(None, label="Max pruning rounds (empty or 0: the recipe's; robust 0, paper 500)",
                                            precision=0,
                                            elem_id="max_rounds")
                     tune_patience = gr.Number(TuneConfig.patience, label="Pt: fine-tuning patience (epochs)",

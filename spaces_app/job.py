@@ -176,7 +176,8 @@ def build_argv(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[list
         ("--target", form.get("target") or "auto"), ("--method", form.get("method") or "gradprune"),
         ("--recipe", form.get("recipe") if (form.get("method") or "gradprune") == "gradprune" else None),
         ("--alpha", form.get("alpha")), ("--prune-patience", form.get("prune_patience")),
-        ("--max-rounds", form.get("max_rounds")), ("--tune-patience", form.get("tune_patience")),
+        # empty (or 0, what an emptied number box gives back): the recipe's own (robust 0, paper 500)
+        ("--max-rounds", form.get("max_rounds") or None), ("--tune-patience", form.get("tune_patience")),
         ("--max-epochs", form.get("max_epochs"))]
     kind = form.get("trigger") or "badnet"
     relevant = {"--trigger-image": kind in ("patch", "blended", "additive"), "--trigger-mask": kind == "patch",

@@ -1,7 +1,6 @@
 """Grad-Prune's two recipes: `--recipe paper` is the paper's procedure, the default (robust) recipe does not give up
-on one unlucky filter. The unlucky filter is built for real: an early filter (stem or first stage) that clean
-accuracy depends on, whose gradient score is made the largest of all by a reparametrisation that leaves the model's
-function unchanged."""
+on one unlucky filter. The unlucky filter is built for real: the filter that clean accuracy depends on most, whose
+gradient score is made the largest of all by a reparametrisation that leaves the model's function unchanged."""
 
 import shutil
 from dataclasses import replace
@@ -42,9 +41,8 @@ def trap(timm_backdoor, tmp_path_factory):
 
     base = misses()
     drops = {}
-    width = pruner.convs[0][1].out_channels
-    for i, (name, conv) in enumerate(pruner.convs):  # the stem and the first stage: early filters every image needs
-        if not pruner.norms.get(name) or conv.out_channels != width:
+    for i, (name, conv) in enumerate(pruner.convs):
+        if not pruner.norms.get(name):
             continue
         for f in range(conv.out_channels):
             pruner.prune(i, f)
