@@ -207,7 +207,7 @@ def write_report(tier: str, folder: Path) -> str:
     return text
 
 
-def compare_variants(results: Path, tier: str) -> str:
+def compare_variants(results: Path, tier: str, seeds: set[int] | None = None) -> str:
     """Grad-Prune's variants (variants.py) side by side with its two recipes, on the cells they ran (mean over seeds,
     in %); each variant's column says which recipe it changes."""
     from variants import VARIANTS
@@ -227,10 +227,10 @@ def compare_variants(results: Path, tier: str) -> str:
     for (d, a, s), cell in sorted(by_cell.items()):
         if len(cell) < 2 or statistics.mean(r["before"]["asr"] for rs in cell.values() for r in rs) < 0.5:
             continue  # nothing to compare, or no backdoor planted (the cell does not test a defence)
-        seeds = set.intersection(*({r["seed"] for r in rs} for rs in cell.values()))
+        shared = seeds if seeds is not None else set.intersection(*({r["seed"] for r in rs} for rs in cell.values()))
         cols = []
         for n in names:
-            rs = [r for r in cell.get(n, []) if r["seed"] in seeds]
+            rs = [r for r in cell.get(n, []) if r["seed"] in shared]
             if not rs:
                 cols.append("-")
                 continue
@@ -241,7 +241,7 @@ def compare_variants(results: Path, tier: str) -> str:
     lines.append("| **mean** | | | " + " | ".join(
         " / ".join(f"{statistics.mean(v[i] for v in totals[n]):.1f}" for i in range(3)) if totals[n] else "-"
         for n in names) + " |")
-    lines.append("\nMean over the seeds every column ran in the cell, in %, after the defence; cells whose attack did "
+    lines.append(f"\nMean over {'seeds ' + ', '.join(map(str, sorted(seeds))) if seeds is not None else 'the seeds every column ran in the cell'}, in %, after the defence; cells whose attack did "
                  "not take hold are left out. robust / paper: the two recipes. Variants (benchmarks/variants.py):")
     lines += [f"- {n}: {VARIANTS[n][3]}" for n in names if n in VARIANTS]
     return "\n".join(lines)
