@@ -18,8 +18,6 @@ from .parallel import SINGLE, Procs, synced_batch_norm
 from .prune import accuracy_dropped
 
 AUGMENTATIONS = ("none", "crop", "crop-flip")
-SCHEDULES = ("constant", "cosine")
-SELECTIONS = ("loss", "latest_within_alpha", "unlearning_within_alpha")
 
 
 @dataclass

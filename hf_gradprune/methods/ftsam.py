@@ -13,6 +13,13 @@ from . import Defence
 from .ft import tune_clean
 
 
+def sam_optimizer(rho: float, adaptive: bool = True):
+    """finetune()'s make_optimizer for a SAM step of this rho, at the TuneConfig's lr / momentum / weight decay."""
+    def make(params, tc):
+        return SAM(params, rho, adaptive, tc.lr, tc.momentum, tc.weight_decay)
+    return make
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware step: climb to w + e (e = rho * T^2 g / ||T g||, T = |w| when adaptive, else 1), take the
     gradient there, come back and let the base SGD step with it. `step` needs the closure that recomputes the loss."""
@@ -48,8 +55,7 @@ def defend(job, cfg, emit) -> Defence:
     tune_cfg = replace(b.tune, label_smoothing=b.sam_label_smoothing)
     start = time.perf_counter()
 
-    def make_optimizer(params, tc):
-        return SAM(params, b.sam_rho, b.sam_adaptive, tc.lr, tc.momentum, tc.weight_decay)
+    make_optimizer = sam_optimizer(b.sam_rho, b.sam_adaptive)
     tuned = tune_clean(job, cfg, emit, tune_cfg, make_optimizer=make_optimizer,
                        what=f"fine-tuning on clean images with {'adaptive ' if b.sam_adaptive else ''}SAM (rho {b.sam_rho:g})")
     summary = (f"No channel was pruned. Fine-tuning on the clean few-shot images with {'adaptive ' if b.sam_adaptive else ''}"

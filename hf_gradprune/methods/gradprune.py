@@ -38,10 +38,8 @@ def defend(job, cfg, emit) -> Defence:
     emit(ProgressEvent("finetune", total=cfg.tune.max_epochs, message="fine-tuning on clean + triggered images"))
     make_optimizer = None
     if cfg.tune.sam_rho > 0:
-        from .ftsam import SAM
-
-        def make_optimizer(params, tc):
-            return SAM(params, tc.sam_rho, True, tc.lr, tc.momentum, tc.weight_decay)
+        from .ftsam import sam_optimizer
+        make_optimizer = sam_optimizer(cfg.tune.sam_rho)
     tuned = finetune(model, torch.cat([t["train"], t["trig_train"]]), torch.cat([t["train_y"], t["train_y"]]),
                      t["val"], t["val_y"], cfg.tune, pruner, cfg.seed,
                      lambda e, loss: emit(ProgressEvent("finetune", step=e, total=cfg.tune.max_epochs,
