@@ -100,8 +100,9 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
     """One row; `variant` (variants.py) replaces Grad-Prune's recipe by a variant of it."""
     from hf_gradprune.pipeline import JobConfig, run
     from hf_gradprune.recipes import recipe_configs
+    job_changes = {}
     if variant:
-        gp_recipe, prune, tune = variant_configs(variant)
+        gp_recipe, prune, tune, job_changes = variant_configs(variant)
     else:
         gp_recipe = "paper" if method == "gradprune-paper" else "robust"
         prune, tune = recipe_configs(gp_recipe)
@@ -116,7 +117,7 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
                             seed=seed, trigger=trigger_spec(attack, cache / "triggers"), target=str(recipe.target),
                             eval_limit=t.eval_limit, measure_floor=method in GRADPRUNE, recipe=gp_recipe, prune=prune,
                             tune=tune, method="gradprune" if method in GRADPRUNE else method,
-                            baseline=baseline_config(t, dataset)))
+                            baseline=baseline_config(t, dataset), **job_changes))
         wall = time.perf_counter() - t0
     r = res.report
     timing = r["timing_s"]

@@ -11,8 +11,8 @@ from dataclasses import replace
 _PRUNE = {"max_rounds": 500}  # the robust recipe's pruning rules, switched on
 _LR003 = {"lr": 0.003, "patience": 10}
 
-# name -> (recipe, PruneConfig changes, TuneConfig changes, what it tests)
-VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
+# name -> (recipe, PruneConfig changes, TuneConfig changes, what it tests[, JobConfig changes])
+VARIANTS: dict[str, tuple] = {
     "grad_x_weight": ("paper", {"score": "grad_x_weight"}, {}, "paper, filter score mean |dL/dW x W|"),
     "layer": ("paper", {"normalise": "layer"}, {}, "paper, scores divided by their layer's mean"),
     "finetune-only": ("paper", {"max_rounds": 0}, {}, "paper, no pruning: its fine-tuning stage alone"),
@@ -39,12 +39,18 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "r-paper-select": ("robust", {}, {"select": "loss"}, "robust with the paper's epoch selection (clean val loss)"),
     "r-crop": ("robust", {}, {"augment": "crop"}, "robust + random-crop augmentation"),
     "r-sam": ("robust", {}, {"sam_rho": 2.0}, "robust + FT-SAM's adaptive SAM step (rho 2)"),
+    "r-lr003": ("robust", {}, {"lr": 0.003}, "robust at lr 0.003 (patience 30, as the default)"),
+    "r-unbounded": ("robust", {}, {"select": "unlearning"},
+                    "robust keeping the epoch with the lowest clean + unlearning validation loss, no accuracy bound"),
+    "r-bneval": ("robust", {}, {"frozen_norm_stats": True}, "robust with batch-norm statistics frozen while fine-tuning"),
+    "r-val30": ("robust", {}, {}, "robust with 3 of the SPC images per class for validation (--val-ratio 0.3)",
+                {"val_ratio": 0.3}),
 }
 
 
 def variant_configs(name: str):
-    """(recipe, PruneConfig, TuneConfig) of a variant."""
+    """(recipe, PruneConfig, TuneConfig, JobConfig changes) of a variant."""
     from hf_gradprune.recipes import recipe_configs
-    recipe, prune_changes, tune_changes, _ = VARIANTS[name]
+    recipe, prune_changes, tune_changes, _, *job = VARIANTS[name]
     prune, tune = recipe_configs(recipe)
-    return recipe, replace(prune, **prune_changes), replace(tune, **tune_changes)
+    return recipe, replace(prune, **prune_changes), replace(tune, **tune_changes), (job[0] if job else {})

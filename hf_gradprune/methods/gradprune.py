@@ -54,6 +54,7 @@ def defend(job, cfg, emit) -> Defence:
                if pruned.skipped else "")
     kept = {"loss": "lowest clean validation loss",
             "unlearning_within_alpha": "lowest clean + unlearning validation loss within alpha",
+            "unlearning": "lowest clean + unlearning validation loss",
             "latest_within_alpha": "latest epoch within alpha"}[cfg.tune.select]
     if cfg.prune.max_rounds == 0:
         pruning = (f"No filter pruned (the {cfg.recipe} recipe does not prune: after its fine-tuning, pruning was "
