@@ -1,14 +1,20 @@
-"""Model card: rendered from `model_cards/` with huggingface_hub.ModelCard, metrics as Hub eval metadata."""
+"""Model card: rendered from `model_cards/` with huggingface_hub.ModelCard, metrics as Hub eval metadata.
+
+The card names models, datasets and files as the report does (names.py) and links only to the addresses of
+`allowed_links`: nothing it says points at this machine or at a page that does not exist.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE = "gradprune_card.md"
+PAPER_URL = "https://arxiv.org/abs/2405.03918"  # Dunnett et al., 2024, the method's paper
+HUB_URL = "https://huggingface.co"
 METRICS = (("acc", "accuracy", "ACC (clean accuracy)"),
            ("asr", "attack_success_rate", "ASR (attack success rate)"),
            ("ra", "robust_accuracy", "RA (robust accuracy)"))
@@ -16,6 +22,38 @@ METRICS = (("acc", "accuracy", "ACC (clean accuracy)"),
 
 def template_path() -> Path:
     return Path(str(resources.files("hf_gradprune.model_cards").joinpath(TEMPLATE)))
+
+
+def homepage() -> str | None:
+    """The project's homepage, as `[project.urls] Homepage` in pyproject.toml gives it; None while it has none
+    (or when the package is not installed, as in the Space's bundle): then the card does not link the tool."""
+    try:
+        entries = metadata.metadata("hf-gradprune").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return None
+    urls = {label.strip().lower(): url.strip() for label, _, url in (e.partition(",") for e in entries)}
+    return urls.get("homepage")
+
+
+def hub_url(repo_id: str | None, kind: str = "model") -> str | None:
+    """The Hub page of a model or dataset id (None for None)."""
+    if not repo_id:
+        return None
+    return f"{HUB_URL}/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
+
+
+def allowed_links(report: dict) -> list[str]:
+    """Every address a card may link to, the one list of them: the paper on arXiv, the project's homepage (when
+    pyproject.toml has one) and the Hub pages of the model, dataset and repo ids the report names. A link is allowed
+    when it is one of these or a page below one (`link_allowed`)."""
+    ids = [(report["source"].get("hub_id"), "model"), (report["data"].get("hub_id"), "dataset"),
+           (report.get("push", {}).get("repo_id"), "model")]
+    links = [PAPER_URL, homepage(), *(hub_url(repo, kind) for repo, kind in ids)]
+    return [link for link in links if link]
+
+
+def link_allowed(url: str, allowed: list[str]) -> bool:
+    return any(url == a or url.startswith(a.rstrip("/") + "/") for a in allowed)
 
 
 def _pct(metrics: dict) -> dict:
@@ -35,22 +73,22 @@ _CHANGED_KIND = {"filter": "filters (conv output channels)", "input_channel": "i
 
 
 def render_card(report: dict, plot_file: str, license: str | None = None) -> ModelCard:
-    from .hub import is_hub_id, model_name as name_of
+    from .names import model_name as name_of
     source, data = report["source"]["model"], report["data"]["dataset"]
+    source_id, data_id = report["source"].get("hub_id"), report["data"].get("hub_id")
     library = report["source"]["library"]
     method = report["method"]
     model_name = f"{name_of(source)}-{method['name']}"
     split = report["data"]["test_split"]
     results = [EvalResult(task_type="image-classification", task_name="Image Classification",
-                          dataset_type=data if is_hub_id(data) else name_of(data),
+                          dataset_type=data_id or name_of(data),
                           dataset_name=name_of(data), dataset_split=split,
                           metric_type=mtype, metric_name=mname, metric_value=round(100 * report["after"][key], 2),
                           dataset_config=None)
                for key, mtype, mname in METRICS]
     card_data = ModelCardData(
         model_name=model_name, library_name=library, pipeline_tag="image-classification", license=license,
-        base_model=source if is_hub_id(source) else None,
-        datasets=[data] if is_hub_id(data) else None,
+        base_model=source_id, datasets=[data_id] if data_id else None,
         tags=["backdoor-defense", "hf-gradprune", method["name"], library], eval_results=results)
     load = ('import timm\nmodel = timm.create_model("hf-hub:<repo-id>", pretrained=True)' if library == "timm" else
             'from transformers import AutoImageProcessor, AutoModelForImageClassification\n'
@@ -63,7 +101,9 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
     kind = next((k for k in _CHANGED_KIND if changed and k in changed[0]), "filter")
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),
-        model_name=model_name, source=source, data=data, load_snippet=load, plot_file=plot_file,
+        model_name=model_name, source=source, source_url=hub_url(source_id), revision=report["source"].get("revision"),
+        data=data, data_url=hub_url(data_id, "dataset"), tool_url=homepage(), paper_url=PAPER_URL,
+        load_snippet=load, plot_file=plot_file,
         before=_pct(report["before"]), after=_pct(report["after"]),
         n_clean=report["after"]["n_clean"], n_triggered=report["after"]["n_triggered"], test_split=split,
         trigger=report["trigger"], target=f'{target["index"]} ({target["name"]})' if target.get("name") else target["index"],

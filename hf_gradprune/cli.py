@@ -18,7 +18,7 @@ from . import __version__
 from .errors import UserError
 from .finetune import AUGMENTATIONS, TuneConfig
 from .methods import METHODS, BaselineConfig
-from .hub import model_name
+from .names import check_hub_id, file_name, local_name, model_name, public_name
 from .prune import NORMALISATIONS, SCORES, PruneConfig
 from .recipes import DEFAULT_RECIPE, RECIPES, recipe_configs
 from .triggers import TRIGGER_KINDS, TriggerSpec
@@ -30,8 +30,10 @@ EXIT_USER, EXIT_PUSH = 2, 3
 
 
 def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    # full flag names only: the published command is scrubbed flag by flag (published_argv), and an abbreviation
+    # (--tok, --out) would slip a token or a path past it
     p = cls(
-        prog="hf-gradprune",
+        prog="hf-gradprune", allow_abbrev=False,
         description="Remove a backdoor from a timm / transformers CNN by gradient-based filter pruning + fine-tuning "
                     "(Dunnett et al., 2024). Other commands: 'hf-gradprune demo' (offline demo), "
                     "'hf-gradprune push DIR' (upload an output folder).")
@@ -102,6 +104,10 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     g.add_argument("--push", action="store_true", help="upload the output folder to the Hub")
     g.add_argument("--repo-id", help="default <your user>/<model-name>-<method>")
+    g.add_argument("--source-id", help="the Hub repo (org/name) a local MODEL folder lives at: the card and report name "
+                                       "it and the card's base_model is set to it (default: the folder's name only)")
+    g.add_argument("--data-id", help="the Hub repo (org/name) a local --data folder lives at: the card and report name "
+                                     "it and the card's datasets is set to it (default: the folder's name only)")
     g.add_argument("--private", action="store_true")
     g.add_argument("--create-pr", action="store_true")
     g.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login); never written anywhere")
@@ -138,20 +144,41 @@ def _demo_parser() -> argparse.ArgumentParser:
     return p
 
 
+_DROPPED = ("--token", "--source-id", "--data-id")  # a secret, and ids the published MODEL / --data already are
+
+
+def _published_values(args: argparse.Namespace) -> dict[str, str | None]:
+    """Each path-valued flag -> how the published command names its value (names.py); "MODEL": the positional."""
+    files = {flag: value and file_name(value) for flag, value in (("--trigger-image", args.trigger_image),
+                                                                  ("--trigger-mask", args.trigger_mask))}
+    return {"MODEL": public_name(args.model, args.source_id), "--data": public_name(args.data, args.data_id),
+            "--backdoor-data": args.backdoor_data and public_name(args.backdoor_data),
+            "--output": args.output and local_name(args.output), **files}
+
+
+def published_argv(argv: list[str]) -> list[str]:
+    """The command line as the card, the report and the Space show it: the token dropped, every local path by its
+    public name, --source-id / --data-id shown as MODEL / --data themselves."""
+    args = _main_parser(_RaisingParser).parse_args(argv)
+    shown = _published_values(args)
+    out, i = [], 0
+    while i < len(argv):
+        flag, eq, _ = argv[i].partition("=")
+        takes = 1 if eq else 2  # --flag=value or --flag value
+        if flag in _DROPPED:
+            i += takes
+        elif flag in shown:
+            out += [f"{flag}={shown[flag]}"] if eq else [flag, str(shown[flag])]
+            i += takes
+        else:
+            out.append(shown["MODEL"] if argv[i] == args.model else argv[i])
+            i += 1
+    return out
+
+
 def redacted_command(argv: list[str]) -> str:
-    """The command as typed, for the card and report, with any token removed."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--token":
-            skip = True
-            continue
-        if a.startswith("--token="):
-            continue
-        out.append(a)
-    return shlex.join(["hf-gradprune", *out])
+    """The command for the card and report: the one typed, as published_argv shows it."""
+    return shlex.join(["hf-gradprune", *published_argv(argv)])
 
 
 class TqdmProgress:
@@ -264,8 +291,11 @@ def job_config(argv: list[str], raising: bool = False) -> tuple["JobConfig", arg
                                             anp_iters=args.anp_iters, anp_eps=args.anp_eps),
                     batch_size=args.batch_size, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
-                    mixed_precision=args.mixed_precision, command=redacted_command(argv))
+                    mixed_precision=args.mixed_precision, source_id=args.source_id, data_id=args.data_id)
     _check_numbers(args)
+    check_hub_id("--source-id", args.source_id, args.model, "MODEL")
+    check_hub_id("--data-id", args.data_id, args.data, "--data")
+    cfg.command = redacted_command(argv)
     return cfg, args
 
 
@@ -275,7 +305,7 @@ def main_job(argv: list[str]) -> int:
     if args.quiet:
         _quiet_libraries()
     if args.push:  # before the long run: a missing login should not cost the user the whole defence
-        cfg.repo_id = _resolve_repo_id(args.repo_id, f"{model_name(args.model)}-{args.method}", args.token)
+        cfg.repo_id = _resolve_repo_id(args.repo_id, f"{model_name(cfg.model_shown)}-{args.method}", args.token)
     progress = None if args.quiet else TqdmProgress()
     try:
         result = run(cfg, progress)
@@ -340,6 +370,9 @@ def push_command(argv: list[str]) -> int:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"push {out}: gradprune_report.json is not a valid hf-gradprune report ({type(e).__name__}); "
                         "re-run the defence to write it") from None
+    if "hub_id" not in report["source"]:  # written before names.py: its card and report may hold this machine's paths
+        raise UserError(f"push {out}: written by an older hf-gradprune, whose card and report can name local paths; "
+                        "re-run the defence to write ones that are safe to publish")
     repo_id = _resolve_repo_id(args.repo_id, f"{model_name(str(source))}-{method}", args.token)
     return _push(out, repo_id, args.token, args.private, args.create_pr, args.revision)
 

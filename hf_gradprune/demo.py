@@ -224,7 +224,7 @@ def run_demo(workdir: Path = Path("hf-gradprune-demo"), progress=None, seed: int
     built = build_backdoored_digits(Path(workdir), seed=seed)
     train_s = time.perf_counter() - t0
     cfg = JobConfig(model=str(built["model"]), data=str(built["data"]), output=str(Path(workdir) / "digits-resnet18-gradprune"),
-                    overwrite=True, seed=seed, command=f"hf-gradprune {built['model']} --data {built['data']} --trigger badnet")
+                    overwrite=True, seed=seed)  # the card's command: the pipeline's, with the folders by name
     result = run(cfg, progress)
     result.report["timing_s"]["demo_build"] = train_s
     return result

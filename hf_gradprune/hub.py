@@ -19,11 +19,12 @@ import torch.nn as nn
 from PIL import Image
 
 from .errors import UserError
+from .names import HUB_ID, is_hub_id, model_name  # noqa: F401 (is_hub_id, model_name: importable here as before)
 
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model.pth", "model.pth")
+LOCAL_FILE = "gradprune_local.json"  # this machine's paths, for reruns here: never uploaded (push_folder skips it)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack")
-_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
 class Classifier(nn.Module):
@@ -64,15 +65,6 @@ class LoadedModel:
         return self.model.net
 
 
-def model_name(source: str) -> str:
-    """'org/resnet' and './models/resnet/' are both 'resnet': the name outputs and repos are called after."""
-    return Path(source.rstrip("/")).name
-
-
-def is_hub_id(source: str) -> bool:
-    return bool(_REPO_ID.match(source)) and not Path(source).exists()
-
-
 def resolve_source(source: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
     """A local folder as is, or a Hub snapshot (safe files only unless pickle is allowed)."""
     path = Path(source).expanduser()
@@ -80,7 +72,7 @@ def resolve_source(source: str, revision: str | None, allow_pickle: bool) -> tup
         if revision:
             raise UserError(f"--revision {revision}: only applies to Hub ids, but MODEL {source} is a local folder")
         return path, None
-    if path.exists() or not _REPO_ID.match(source):
+    if path.exists() or not HUB_ID.match(source):
         raise UserError(f"MODEL {source}: not a folder and not a Hub id; give org/name or a folder with config.json")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
@@ -279,7 +271,8 @@ def failure_reason(e: BaseException, token: str | None) -> str:
 def push_folder(folder: Path, repo_id: str, token: str | None = None, private: bool = False,
                 create_pr: bool = False, revision: str | None = None,
                 commit_message: str = "Upload model sanitised by hf-gradprune") -> str:
-    """Create the repo if needed and upload the folder as one commit; returns the commit or PR URL.
+    """Create the repo if needed and upload the folder, less the local-only LOCAL_FILE, as one commit; returns the
+    commit or PR URL.
 
     With create_pr the PR is opened first, so a failed upload can be retried into the same PR (its ref is in
     PushFailed.revision) instead of leaving an empty draft behind."""
@@ -294,7 +287,7 @@ def push_folder(folder: Path, repo_id: str, token: str | None = None, private: b
                                          description="Backdoor removed with hf-gradprune; metrics in the model card.")
             revision, pr_url = pr.git_reference, pr.url
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
-                                 commit_message=commit_message)
+                                 commit_message=commit_message, ignore_patterns=[LOCAL_FILE])
     except Exception as e:
         raise PushFailed(e, revision) from e
     if revision and revision.startswith("refs/pr/") and pr_url is None:

@@ -21,9 +21,10 @@ from .card import render_card
 from .data import FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
 from .finetune import TuneConfig
-from .hub import LoadedModel, load_model, model_name, save_model, source_card_license
+from .hub import LOCAL_FILE, LoadedModel, load_model, model_name, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
 from .methods import METHODS, BaselineConfig, Defence, defend
+from .names import hub_id_of, local_name, public_name
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .prune import PruneConfig
@@ -64,9 +65,9 @@ class JobConfig:
     device: str | None = None  # default: accelerate's choice (GPU when there is one); one process only
     mixed_precision: str | None = None  # "no" | "fp16" | "bf16" for fine-tuning; default: accelerate's config
     repo_id: str | None = None  # where the card says the model lives, when it is pushed
-    command: str | None = None  # the command as typed, token removed, for the card
-    model_label: str | None = None  # what the card and report call the model / data (the Space: the upload's name,
-    data_label: str | None = None  # not its temporary path); default: as given
+    command: str | None = None  # the command as published in the card: token removed, paths by name (cli.py)
+    source_id: str | None = None  # the Hub repo a local MODEL folder lives at (--source-id): the card's base_model
+    data_id: str | None = None  # the Hub repo a local --data folder lives at (--data-id): the card's datasets
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
 
     def __post_init__(self):
@@ -76,11 +77,12 @@ class JobConfig:
 
     @property
     def model_shown(self) -> str:
-        return self.model_label or self.model
+        """What the card, report and progress call the model: its Hub id or ./<folder name> (names.py)."""
+        return public_name(self.model, self.source_id)
 
     @property
     def data_shown(self) -> str:
-        return self.data_label or self.data
+        return public_name(self.data, self.data_id)
 
 
 @dataclass
@@ -100,7 +102,7 @@ def _preview_rows(labels: torch.Tensor, target: int, k: int = PREVIEW_SAMPLES) -
 
 
 def output_dir_for(cfg: JobConfig) -> Path:
-    return Path(cfg.output) if cfg.output else Path(f"./{model_name(cfg.model)}-{cfg.method}")
+    return Path(cfg.output) if cfg.output else Path(f"./{model_name(cfg.model_shown)}-{cfg.method}")
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -152,7 +154,8 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel) -> tuple[FewShot, dict]:
                    decode(pool, val_idx, image_col, label_col, loaded.to_pixels),
                    decode(test_split, test_idx, image_col, label_col, loaded.to_pixels),
                    train_idx, val_idx, test_idx, class_names, eval_name)
-    meta = {"dataset": cfg.data_shown, "split": cfg.split, "test_split": eval_name, "image_column": image_col,
+    meta = {"dataset": cfg.data_shown, "hub_id": hub_id_of(cfg.data, cfg.data_id), "revision": cfg.data_revision,
+            "split": cfg.split, "test_split": eval_name, "image_column": image_col,
             "label_column": label_col, "class_names": class_names}
     return data, meta
 
@@ -178,7 +181,7 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: 
                 raise UserError(f"--backdoor-data {cfg.backdoor_data}: labels differ from --data in split '{split_name}'; "
                                 "rows must be triggered copies of the same images with their true labels")
             out.append(twin)
-        return out[0], out[1], out[2], f"defender's triggered copies from {cfg.backdoor_data}"
+        return out[0], out[1], out[2], f"defender's triggered copies from {public_name(cfg.backdoor_data)}"
     stamp = make_trigger(cfg.trigger, loaded.input_size)
     out = [PixelSet(stamp(s.pixels), s.labels) for s in (data.train, data.val, data.test)]
     return out[0], out[1], out[2], cfg.trigger.describe()
@@ -275,8 +278,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
                    "reference": METHODS[cfg.method][2], "summary": defence.summary,
                    **({"recipe": cfg.recipe, "recipe_description": describe_recipe(cfg.recipe)}
                       if cfg.method == "gradprune" else {})},
-        "source": {"model": cfg.model_shown, "revision": loaded.revision, "library": loaded.library,
-                   "preprocessing": loaded.preprocessing},
+        "source": {"model": cfg.model_shown, "hub_id": hub_id_of(cfg.model, cfg.source_id), "revision": loaded.revision,
+                   "library": loaded.library, "preprocessing": loaded.preprocessing},
         "data": {**meta, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
                  "input_size": list(loaded.input_size), "train_rows": data.train_idx, "val_rows": data.val_idx},
         "trigger": job.trigger,
@@ -293,8 +296,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         "total_filters": defence.candidates,
         "prune": defence.details,
         "finetune": asdict(defence.tune) if defence.tune else None,
-        "config": _config_dict(cfg),
-        "command": cfg.command or f"hf-gradprune {cfg.model} --data {cfg.data}"
+        "config": _config_dict(cfg, out),
+        "command": cfg.command or f"hf-gradprune {cfg.model_shown} --data {cfg.data_shown}"
                                   + ("" if cfg.method == "gradprune" else f" --method {cfg.method}"),
         "timing_s": timing,
         "processes": {"count": procs.world, "device": procs.device.type, "mixed_precision": procs.mixed_precision},
@@ -303,7 +306,7 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         report["push"] = {"repo_id": cfg.repo_id}
     emit(ProgressEvent("save", message=f"writing {out}"))
     if procs.is_main:
-        _write_output(out, cfg.overwrite, loaded, defence, report)
+        _write_output(out, cfg.overwrite, loaded, defence, report, _local_config(cfg))
     procs.wait()  # the others leave once the output is complete
     report["timing_s"]["total"] = time.perf_counter() - t0
     emit(ProgressEvent("done", values={"before": report["before"], "after": report["after"], "target": target}))
@@ -311,15 +314,24 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     return JobResult(out, report, procs.is_main, samples)
 
 
-def _config_dict(cfg: JobConfig) -> dict:
+def _config_dict(cfg: JobConfig, out: Path) -> dict:
+    """The configuration as the report publishes it: every path by its public name (names.py), none of this
+    machine's file system; the paths as given are in LOCAL_FILE."""
     d = asdict(cfg)
-    for key in ("command", "model_label", "data_label"):
-        d.pop(key, None)
-    d["model"], d["data"] = cfg.model_shown, cfg.data_shown
+    d.pop("command", None)
+    d.update(model=cfg.model_shown, data=cfg.data_shown, output=local_name(out), trigger=cfg.trigger.published(),
+             backdoor_data=cfg.backdoor_data and public_name(cfg.backdoor_data))
     return d
 
 
-def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defence, report: dict) -> None:
+def _local_config(cfg: JobConfig) -> dict:
+    """The configuration with this machine's paths, for a rerun here; LOCAL_FILE, which no push uploads."""
+    return {"note": f"local only: hf-gradprune push never uploads {LOCAL_FILE}; it holds paths of this machine",
+            "working_directory": os.getcwd(), "config": asdict(cfg)}
+
+
+def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defence, report: dict,
+                  local: dict) -> None:
     """Everything goes to a temporary sibling first and is renamed into place at the end: nothing half written."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +342,7 @@ def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defe
         defence.plot(tmp / PLOT_FILE)
         report["files"] = sorted(files + [PLOT_FILE, REPORT_FILE, "README.md"])
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        (tmp / LOCAL_FILE).write_text(json.dumps(local, indent=2, default=str))
         render_card(report, PLOT_FILE, source_card_license(loaded)).save(tmp / "README.md")
         if out.exists():
             _check_output(out, overwrite)

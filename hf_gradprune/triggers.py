@@ -7,7 +7,7 @@ truncate, as BackdoorBench's ``astype(np.uint8)`` does, so our triggered pixels 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import UserError
+from .names import file_label, file_ref
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]
 TRIGGER_KINDS = ("badnet", "patch", "blended", "bpp", "additive")
@@ -31,15 +32,21 @@ class TriggerSpec:
     bpp_levels: int = 8  # bpp: colour levels per channel
 
     def describe(self) -> str:
+        """For the card and report: trigger files by name and sha256, never by where they are on this machine."""
         if self.kind == "badnet":
             return "BadNets: white square patch at the bottom-right corner (3x3 at 32x32, scaled)"
         if self.kind == "patch":
-            return f"patch: {Path(self.image).name} through mask {Path(self.mask).name}"
+            return f"patch: {file_label(self.image)} through mask {file_label(self.mask)}"
         if self.kind == "blended":
-            return f"blended: {Path(self.image).name} at alpha {self.alpha}"
+            return f"blended: {file_label(self.image)} at alpha {self.alpha}"
         if self.kind == "bpp":
             return f"BPP: colour depth squeezed to {self.bpp_levels} levels per channel"
-        return f"additive perturbation {Path(self.image).name}"
+        return f"additive perturbation {file_label(self.image)}"
+
+    def published(self) -> dict:
+        """The spec as the report publishes it: each file by name and sha256 (see names.py)."""
+        return {**asdict(self), **{key: file_ref(path) for key, path in (("image", self.image), ("mask", self.mask))
+                                   if path}}
 
 
 def _truncate(x: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,14 @@ from typing import Callable
 
 import numpy as np
 
-from hf_gradprune.cli import job_config, redacted_command
+from hf_gradprune.cli import job_config, published_argv, redacted_command
 from hf_gradprune.errors import UserError
 from hf_gradprune.finetune import TuneConfig
 from hf_gradprune.hub import PushFailed, default_repo_id, failure_reason, model_name, push_folder
+from hf_gradprune.names import HUB_ID, public_name
 from hf_gradprune.progress import ProgressEvent
 
 JOB_PREFIX = "gradprune-job-"
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _ONE_JOB = threading.Lock()  # one defence at a time in this process, whatever the queue does with abandoned tabs
 _DEMO = threading.Lock()
 DEMO_MODEL = "digits-resnet18-backdoored"
@@ -67,7 +67,7 @@ class JobOutcome:
     zip_path: Path
     report: dict
     samples: dict[str, np.ndarray]
-    command: str  # the CLI command that gives the same numbers (upload paths shown by their names)
+    command: str  # the CLI command that gives the same numbers (uploads and folders by their names: names.py)
 
 
 def new_job_dir(settings: SpaceSettings) -> Path:
@@ -136,20 +136,20 @@ def _unzip(path: Path, dest: Path, what: str, limit: int) -> None:
 
 def resolve_input(text: str | None, files: list | None, job_dir: Path, what: str, flag: str,
                   settings: SpaceSettings) -> tuple[str, str]:
-    """(path or Hub id to load, the name to show in the command and card)."""
+    """(path or Hub id to load, the name to show in the command and card: the CLI's, names.public_name)."""
     if files:
         first = Path(files[0])
         name = first.stem if len(files) == 1 and first.suffix.lower() == ".zip" else f"uploaded-{what.lower()}"
         dest = job_dir / "inputs" / what.lower() / (re.sub(r"[^\w.\-]", "-", name).strip(".") or what.lower())
         folder = unpack_upload(files, dest, what, settings.max_upload_mb)
-        return str(folder), f"./{folder.name}"
+        return str(folder), public_name(str(folder))
     text = (text or "").strip()
     if not text:
         raise UserError(f"{flag}: give a Hub {what.lower()} id (org/name) or upload a Hub-layout folder (.zip or its files)")
-    if not settings.local_paths and (not _HUB_ID.match(text) or Path(text).exists()):
+    if not settings.local_paths and (not HUB_ID.match(text) or Path(text).exists()):
         raise UserError(f"{flag} {text}: give a Hub id (org/name); this Space does not read paths on its machine "
                         "(upload the folder instead)")
-    return text, text
+    return text, public_name(text)
 
 
 def _with_limit(value, cap: int | None, flag: str, hint: str) -> None:
@@ -158,11 +158,11 @@ def _with_limit(value, cap: int | None, flag: str, hint: str) -> None:
 
 
 def build_argv(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[list[str], list[str]]:
-    """The form -> (argv to run, argv to show). Every value goes through the CLI's parser and checks."""
+    """The form -> (argv to run, argv to show: the CLI's published_argv of it, less the job's --output). Every value
+    goes through the CLI's parser and checks."""
     model, model_shown = resolve_input(form.get("model_id"), form.get("model_files"), job_dir, "Model", "MODEL",
                                        settings)
-    data, data_shown = resolve_input(form.get("data_id"), form.get("data_files"), job_dir, "Dataset", "--data",
-                                     settings)
+    data, _ = resolve_input(form.get("data_id"), form.get("data_files"), job_dir, "Dataset", "--data", settings)
     spc = int(form.get("spc") or 10)
     _with_limit(spc, settings.max_spc, "--spc", "run the CLI (hf-gradprune MODEL --spc N) for more")
     eval_limit = form.get("eval_limit")
@@ -186,7 +186,6 @@ def build_argv(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[list
     defaults = {**vars(job_config(["MODEL", "--data", "DATA"], raising=True)[1]),
                 "tune_patience": TuneConfig.patience, "max_epochs": TuneConfig.max_epochs}  # every method's default
     run_tail: list[str] = []
-    shown_tail: list[str] = []
     for flag, value in opts:
         if value is None or value == "" or not relevant.get(flag, True):
             continue
@@ -195,9 +194,9 @@ def build_argv(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[list
         if str(value) == str(defaults.get(flag[2:].replace("-", "_"))):
             continue
         run_tail += [flag, str(value)]
-        shown_tail += [flag, Path(str(value)).name if flag in ("--trigger-image", "--trigger-mask") else str(value)]
+    run = [model, "--data", data, *run_tail]
     out = ["--output", str(job_dir / f"{model_name(model_shown)}-{form.get('method') or 'gradprune'}")]
-    return [model, "--data", data, *run_tail, *out], [model_shown, "--data", data_shown, *shown_tail]
+    return [*run, *out], published_argv(run)
 
 
 def run_job(settings: SpaceSettings, form: dict, progress: Callable[[ProgressEvent], None],
@@ -208,7 +207,7 @@ def run_job(settings: SpaceSettings, form: dict, progress: Callable[[ProgressEve
     try:
         argv, shown = build_argv(settings, form, job_dir)
         cfg, _ = job_config(argv, raising=True)
-        cfg.command, cfg.model_label, cfg.data_label = redacted_command(shown), shown[0], shown[2]
+        cfg.command = redacted_command(shown)  # published already; the job's --output is left out
 
         def emit(event: ProgressEvent) -> None:
             if cancelled is not None and cancelled.is_set():
@@ -220,7 +219,7 @@ def run_job(settings: SpaceSettings, form: dict, progress: Callable[[ProgressEve
                 result = run(cfg, emit)
             except UserError as e:  # name the uploads as the user knows them, not by this machine's paths
                 message = str(e)
-                for real, label in ((cfg.model, cfg.model_label), (cfg.data, cfg.data_label)):
+                for real, label in ((cfg.model, cfg.model_shown), (cfg.data, cfg.data_shown)):
                     message = message.replace(real, label)
                 raise UserError(message) from None
         zip_path = Path(shutil.make_archive(str(job_dir / model_name(str(result.output_dir))), "zip",

@@ -132,3 +132,11 @@ def test_bad_numbers(run_bad):
 
 def test_missing_split(run_bad):
     run_bad("--split", "validation", expect=("--split validation", "splits:"))
+
+
+def test_source_and_data_ids_must_be_hub_ids(run_bad, tmp_path):
+    run_bad("--source-id", "resnet", expect=("--source-id resnet", "org/name", "leave --source-id out"))
+    run_bad("--data-id", str(tmp_path / "digits"), expect=(f"--data-id {tmp_path / 'digits'}", "org/name"))
+    # a Hub MODEL is named by its own id: another one would put a wrong base_model in the card
+    run_bad("--source-id", "lab/other", model="nobody-xyz/no-such-model",
+            expect=("--source-id lab/other", "MODEL nobody-xyz/no-such-model is a Hub id already"))

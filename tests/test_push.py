@@ -15,6 +15,7 @@ import pytest
 
 from conftest import read_report, run_cli
 from fake_hub import FakeHub
+from hf_gradprune.hub import LOCAL_FILE
 
 TOKEN = "hf_SECRET_test_token"
 FAST = ("--quiet", "--max-epochs", "3", "--max-rounds", "3")
@@ -54,9 +55,11 @@ def assert_no_token(out: Path, *texts: str) -> None:
 
 
 def assert_uploaded(commit, out: Path) -> None:
-    """One commit holding exactly the output folder, byte for byte, as plain git blobs (no Xet / LFS)."""
+    """One commit holding exactly the output folder, byte for byte, as plain git blobs (no Xet / LFS), less the
+    local-only file with this machine's paths, which stays in the folder."""
     local = {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}
-    assert set(local) == OUTPUT_FILES
+    assert set(local) == OUTPUT_FILES | {LOCAL_FILE}
+    del local[LOCAL_FILE]
     assert set(commit.files) == OUTPUT_FILES
     assert commit.files == local
     assert commit.lfs_files == [] and commit.deleted == []
@@ -150,7 +153,7 @@ def test_failed_upload_keeps_the_folder_and_the_printed_retry_works(timm_backdoo
     assert broken.commit_attempts > 1 and no_backoff  # huggingface_hub retried, without really sleeping
     assert broken.commits == [] and not broken.unexpected
 
-    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES | {LOCAL_FILE}
     report = read_report(out)
     assert report["after"]["asr"] <= report["before"]["asr"]
     argv = retry_args(captured.err, out)

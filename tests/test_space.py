@@ -105,7 +105,8 @@ def test_transformers_upload_comes_back_as_transformers(hf_backdoor, tmp_path):
     assert text.startswith("**./model**: transformers, 10 classes") and ("0: zero", "0") in choices
     outcome = run_job(settings, {"model_files": [zipped], "data_id": str(hf_backdoor["data"]), "max_rounds": 2,
                                  "max_epochs": 2}, lambda event: None)
-    assert outcome.command == f"hf-gradprune ./model --data {hf_backdoor['data']} --max-rounds 2 --max-epochs 2"
+    # a folder typed as a path is shown by its name, as the CLI shows it
+    assert outcome.command == "hf-gradprune ./model --data ./data --max-rounds 2 --max-epochs 2"
     with zipfile.ZipFile(outcome.zip_path) as z:
         z.extractall(tmp_path / "back")
     back = tmp_path / "back" / "model-gradprune"
