@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple] = {
     "r-crop": ("robust", {}, {"augment": "crop"}, "robust + random-crop augmentation"),
     "r-sam": ("robust", {}, {"sam_rho": 2.0}, "robust + FT-SAM's adaptive SAM step (rho 2)"),
     "r-lr003": ("robust", {}, {"lr": 0.003}, "robust at lr 0.003 (patience 30, as the default)"),
+    "r-bounded": ("robust", {}, {"select": "unlearning_within_alpha"},
+                  "the robust recipe before this search: the same selection among epochs within alpha on the validation split"),
     "r-unbounded": ("robust", {}, {"select": "unlearning"},
                     "robust keeping the epoch with the lowest clean + unlearning validation loss, no accuracy bound"),
     "r-bneval": ("robust", {}, {"frozen_norm_stats": True}, "robust with batch-norm statistics frozen while fine-tuning"),

@@ -23,9 +23,10 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
                "it restored and skipped); fine-tuning on the clean and triggered images at lr 0.001 on a cosine "
                "schedule teaches each clean image and its triggered twin their true label and the original model's "
                "output on the clean image, and keeps the epoch with the lowest clean + unlearning validation loss "
-               "among those within alpha, waiting 30 epochs for a better one",
+               "(no accuracy bound on 1 validation image per class: one image would veto the epoch; the clean loss "
+               "and the distillation hold accuracy), waiting 30 epochs for a better one",
                dict(max_rounds=0, check_on="fewshot", on_break="skip", max_skips=10),
-               dict(lr=0.001, schedule="cosine", distill=3.0, select="unlearning_within_alpha", patience=30)),
+               dict(lr=0.001, schedule="cosine", distill=3.0, select="unlearning", patience=30)),
     "paper": ("the paper's procedure: the accuracy bound and the kept round on the validation split, pruning ends at "
               "the first filter that breaks the bound; fine-tuning at lr 0.001 keeps the epoch with the lowest clean "
               "validation loss",
