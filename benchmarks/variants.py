@@ -35,7 +35,8 @@ VARIANTS: dict[str, tuple] = {
     "r-latest30": ("robust", {}, {"select": "latest_within_alpha", "max_epochs": 30, "patience": 10},
                    "robust, 30 epochs (cosine over 30), keeping the last epoch within alpha"),
     "r-patience10": ("robust", {}, {"patience": 10}, "robust with the paper's fine-tuning patience of 10"),
-    "r-prune": ("robust", _PRUNE, {}, "robust + robust pruning (`--max-rounds 500`)"),
+    "r-prune": ("robust", _PRUNE, {}, "robust + robust pruning (`--max-rounds 500`) at every SPC"),
+    "r-noprune": ("robust", {"max_rounds": 0}, {}, "robust without pruning at every SPC (the default from SPC 6 on)"),
     "r-paper-select": ("robust", {}, {"select": "loss"}, "robust with the paper's epoch selection (clean val loss)"),
     "r-crop": ("robust", {}, {"augment": "crop"}, "robust + random-crop augmentation"),
     "r-sam": ("robust", {}, {"sam_rho": 2.0}, "robust + FT-SAM's adaptive SAM step (rho 2)"),
@@ -50,9 +51,10 @@ VARIANTS: dict[str, tuple] = {
 }
 
 
-def variant_configs(name: str):
-    """(recipe, PruneConfig, TuneConfig, JobConfig changes) of a variant."""
+def variant_configs(name: str, spc: int):
+    """(recipe, PruneConfig, TuneConfig, JobConfig changes) of a variant, for a job at `spc`."""
+    from hf_gradprune.data import train_per_class
     from hf_gradprune.recipes import recipe_configs
     recipe, prune_changes, tune_changes, _, *job = VARIANTS[name]
-    prune, tune = recipe_configs(recipe)
+    prune, tune = recipe_configs(recipe, train_per_class(spc, (job[0] if job else {}).get("val_ratio", 0.1)))
     return recipe, replace(prune, **prune_changes), replace(tune, **tune_changes), (job[0] if job else {})

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .data import train_per_class
 from .errors import UserError
 from .finetune import AUGMENTATIONS, TuneConfig
 from .methods import METHODS, BaselineConfig
@@ -63,7 +64,8 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g.add_argument("--method", choices=list(METHODS), default="gradprune",
                    help="gradprune (default, the paper's method) or a baseline: ft, fp, nad, clp, ftsam, anp")
     g.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
-                   help="gradprune: robust (default: no pruning unless --max-rounds N; fine-tuning on clean + "
+                   help="gradprune: robust (default: no pruning at 5 or more training images per class unless --max-rounds N, "
+                        "robust pruning below that; fine-tuning on clean + "
                         "triggered images at lr 0.001 cosine distils the original model's outputs on the clean images "
                         "and is selected on the unlearning loss) or paper (the paper's exact procedure)")
     g = p.add_argument_group("pruning (gradprune; --alpha also bounds fp's and anp's sweeps)")
@@ -71,7 +73,8 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                    help="stop when val accuracy drops by more than this absolute fraction (default 0.10)")
     g.add_argument("--prune-patience", type=int, default=PruneConfig.patience, help="Pp (default 10)")
     g.add_argument("--max-rounds", type=int,
-                   help="default: the recipe's (robust 0: no pruning, measured best after its fine-tuning; paper 500). "
+                   help="default: the recipe's (robust: 0, no pruning, measured best after its fine-tuning, or 500 below 5 "
+                        "training images per class; paper 500). "
                         "N > 0 under the robust recipe prunes with its rules: bound on all few-shot images, a filter "
                         "that breaks it skipped")
     g.add_argument("--score", choices=SCORES, default=PruneConfig.score,
@@ -273,7 +276,7 @@ def job_config(argv: list[str], raising: bool = False) -> tuple["JobConfig", arg
     from .pipeline import JobConfig
     args = _main_parser(_RaisingParser if raising else argparse.ArgumentParser).parse_args(argv)
     trigger = TriggerSpec(args.trigger, args.trigger_image, args.trigger_mask, args.blend_alpha, args.bpp_levels)
-    prune, tune = recipe_configs(args.recipe)
+    prune, tune = recipe_configs(args.recipe, train_per_class(args.spc, args.val_ratio))
     cfg = JobConfig(model=args.model, data=args.data, output=args.output, revision=args.revision,
                     data_revision=args.data_revision, split=args.split, eval_split=args.eval_split,
                     image_column=args.image_column, label_column=args.label_column, spc=args.spc,

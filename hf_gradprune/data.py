@@ -99,6 +99,11 @@ def val_per_class(spc: int, val_ratio: float) -> int:
     return max(1, int(round(spc * val_ratio)))
 
 
+def train_per_class(spc: int, val_ratio: float) -> int:
+    """Few-shot training images per class: what is left of SPC after validation."""
+    return spc - val_per_class(spc, val_ratio)
+
+
 def draw_few_shot(labels: np.ndarray, num_classes: int, spc: int, val_ratio: float, seed: int,
                   class_names: list[str] | None, flag_source: str) -> tuple[list[int], list[int]]:
     """Seeded class-balanced draw; a class with fewer than SPC images is an error, never silently dropped."""

@@ -18,7 +18,8 @@ import torch
 
 from . import __version__
 from .card import render_card
-from .data import FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
+from .data import (FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits,
+                   train_per_class)
 from .errors import UserError
 from .finetune import TuneConfig
 from .hub import LOCAL_FILE, LoadedModel, load_model, model_name, save_model, source_card_license
@@ -71,7 +72,7 @@ class JobConfig:
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
 
     def __post_init__(self):
-        prune, tune = recipe_configs(self.recipe)
+        prune, tune = recipe_configs(self.recipe, train_per_class(self.spc, self.val_ratio))
         self.prune = self.prune or prune
         self.tune = self.tune or tune
 

@@ -18,9 +18,10 @@ DEFAULT_RECIPE = "robust"
 
 # name -> (one line for the card and the report, pruning changes, fine-tuning changes)
 RECIPES: dict[str, tuple[str, dict, dict]] = {
-    "robust": ("no pruning (after this fine-tuning, pruning measured as costing clean accuracy and removing no more "
-               "of the backdoor; `--max-rounds N` prunes with the bound on all few-shot images and a filter that breaks "
-               "it restored and skipped); fine-tuning on the clean and triggered images at lr 0.001 on a cosine "
+    "robust": ("no pruning at 5 or more training images per class (after this fine-tuning, pruning measured as "
+               "costing clean accuracy and removing no more of the backdoor); below that (SPC 2-5) up to 500 rounds "
+               "of pruning with the accuracy bound on all clean few-shot images and a filter that breaks it restored "
+               "and skipped, because fine-tuning alone does not unlearn from 1 image per class; fine-tuning on the clean and triggered images at lr 0.001 on a cosine "
                "schedule teaches each clean image and its triggered twin their true label and the original model's "
                "output on the clean image, and keeps the epoch with the lowest clean + unlearning validation loss "
                "(no accuracy bound on 1 validation image per class: one image would veto the epoch; the clean loss "
@@ -34,12 +35,23 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
 }
 
 
-def recipe_configs(name: str) -> tuple[PruneConfig, TuneConfig]:
-    """The pruning and fine-tuning configuration of a recipe."""
+# the robust recipe prunes when the few-shot training split has fewer images per class than this: measured at 1
+# (SPC 2: fine-tuning alone left CIFAR-10 Blended at 20 % ASR, pruning first 4 %) and 9 (SPC 10: pruning first cost
+# 2-8 points of ACC and removed no more); where between them the switch belongs was not measured
+PRUNE_BELOW = 5
+ROBUST_PRUNING_ROUNDS = 500
+
+
+def recipe_configs(name: str, train_per_class: int | None = None) -> tuple[PruneConfig, TuneConfig]:
+    """The pruning and fine-tuning configuration of a recipe, for a job with `train_per_class` few-shot training
+    images per class (None: as at SPC 10)."""
     if name not in RECIPES:
         raise UserError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
     _, prune, tune = RECIPES[name]
-    return replace(PruneConfig(), **prune), replace(TuneConfig(), **tune)
+    prune = replace(PruneConfig(), **prune)
+    if name == "robust" and train_per_class is not None and train_per_class < PRUNE_BELOW:
+        prune = replace(prune, max_rounds=ROBUST_PRUNING_ROUNDS)
+    return prune, replace(TuneConfig(), **tune)
 
 
 def describe(name: str) -> str:

@@ -117,7 +117,7 @@ def test_recipes_are_named_sets_over_the_paper_defaults():
     assert (paper_prune, paper_tune) == (PruneConfig(), TuneConfig())  # the dataclass defaults are the paper's
     robust_prune, robust_tune = recipe_configs("robust")
     assert (robust_prune.max_rounds, robust_prune.check_on, robust_prune.on_break) == (0, "fewshot", "skip")
-    assert robust_tune.select == "unlearning_within_alpha" and robust_tune.distill > 0
+    assert robust_tune.select == "unlearning" and robust_tune.distill > 0
     assert set(RECIPES) == {"robust", "paper"}
     cfg, _ = job_config(["m", "--data", "d"])
     assert cfg.recipe == "robust" and (cfg.prune, cfg.tune) == (robust_prune, robust_tune)
@@ -128,6 +128,19 @@ def test_recipes_are_named_sets_over_the_paper_defaults():
     cfg, _ = job_config(["m", "--data", "d", "--distill", "0"])
     assert cfg.tune == replace(robust_tune, distill=0.0)
     assert JobConfig(model="m", data="d", recipe="paper").prune == PruneConfig()
+
+
+def test_robust_recipe_prunes_only_below_five_training_images_per_class():
+    """At SPC 2 (1 training image per class) fine-tuning alone does not unlearn; from 5 training images on the robust
+    recipe does not prune. The switch follows the training images, whatever --val-ratio leaves of SPC."""
+    assert [recipe_configs("robust", n)[0].max_rounds for n in (1, 4, 5, 9, 90)] == [500, 500, 0, 0, 0]
+    assert recipe_configs("paper", 1) == recipe_configs("paper")  # the paper's recipe is the same at every SPC
+    for spc, ratio, rounds in ((2, 0.1, 500), (5, 0.1, 500), (6, 0.1, 0), (10, 0.1, 0), (10, 0.6, 500)):
+        assert JobConfig(model="m", data="d", spc=spc, val_ratio=ratio).prune.max_rounds == rounds, (spc, ratio)
+        cfg, _ = job_config(["m", "--data", "d", "--spc", str(spc), "--val-ratio", str(ratio)])
+        assert cfg.prune.max_rounds == rounds, (spc, ratio)
+    cfg, _ = job_config(["m", "--data", "d", "--spc", "2", "--max-rounds", "3"])  # the flag still overrides
+    assert cfg.prune.max_rounds == 3
 
 
 def test_check_stats_add_up_exactly():

@@ -57,8 +57,9 @@ def defend(job, cfg, emit) -> Defence:
             "unlearning": "lowest clean + unlearning validation loss",
             "latest_within_alpha": "latest epoch within alpha"}[cfg.tune.select]
     if cfg.prune.max_rounds == 0:
-        pruning = (f"No filter pruned (the {cfg.recipe} recipe does not prune: after its fine-tuning, pruning was "
-                   f"measured to cost clean accuracy and to remove no more of the backdoor; `--max-rounds N` prunes).")
+        pruning = (f"No filter pruned (the {cfg.recipe} recipe does not prune at 5 or more training images per class: "
+                   f"after its fine-tuning, pruning was measured to cost clean accuracy and to remove no more of the "
+                   f"backdoor; `--max-rounds N` prunes).")
     else:
         pruning = (f"{len(pruned.pruned)} filters in {layers} conv layers (of {pruner.num_filters} filters), chosen one "
                    f"per round by {score_desc(cfg.prune)}; pruning stopped after {len(pruned.rounds)} rounds "
