@@ -99,14 +99,12 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
             cache: Path, log, method: str = "gradprune", variant: str | None = None) -> dict:
     """One row; `variant` (variants.py) replaces Grad-Prune's recipe by a variant of it."""
     from hf_gradprune.pipeline import JobConfig, run
-    from hf_gradprune.recipes import recipe_configs
-    from hf_gradprune.data import train_per_class
+    prune = tune = None  # None: the recipe's, as JobConfig makes them for the job's SPC
     job_changes = {}
     if variant:
         gp_recipe, prune, tune, job_changes = variant_configs(variant, spc)
     else:
         gp_recipe = "paper" if method == "gradprune-paper" else "robust"
-        prune, tune = recipe_configs(gp_recipe, train_per_class(spc, 0.1))
     path = row_path(results, dataset, attack, spc, seed, method)
     if path.is_file():
         return json.loads(path.read_text())

@@ -56,5 +56,6 @@ def variant_configs(name: str, spc: int):
     from hf_gradprune.data import train_per_class
     from hf_gradprune.recipes import recipe_configs
     recipe, prune_changes, tune_changes, _, *job = VARIANTS[name]
-    prune, tune = recipe_configs(recipe, train_per_class(spc, (job[0] if job else {}).get("val_ratio", 0.1)))
-    return recipe, replace(prune, **prune_changes), replace(tune, **tune_changes), (job[0] if job else {})
+    job_changes = job[0] if job else {}
+    prune, tune = recipe_configs(recipe, train_per_class(spc, job_changes.get("val_ratio", 0.1)))
+    return recipe, replace(prune, **prune_changes), replace(tune, **tune_changes), job_changes

@@ -133,7 +133,7 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     unlearning = cfg.select in ("unlearning_within_alpha", "unlearning")
     bounded = cfg.select != "unlearning"  # whether an epoch outside alpha may be kept
     if unlearning and val_triggered is None:
-        raise ValueError("select 'unlearning_within_alpha' needs the triggered validation twins")
+        raise ValueError(f"select '{cfg.select}' needs the triggered validation twins")
     best, start_correct = val_loss_acc(model, val_pixels, val_labels, procs=procs)
     base_correct = start_correct if reference_correct is None else reference_correct
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -141,7 +141,7 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     if unlearning:
         unlearning_loss = val_loss_acc(model, val_triggered, val_labels, procs=procs)[0]
         result.val_unlearning_losses.append(unlearning_loss)
-        # the model as it enters fine-tuning is the fallback, but it competes only if it is itself within alpha
+        # the model as it enters fine-tuning is the fallback; under a bound it competes only if it is within alpha
         best = best + unlearning_loss if not (bounded and accuracy_dropped(base_correct, start_correct, n_val, cfg.alpha)) \
             else float("inf")
     since_best = 0

@@ -21,8 +21,8 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
     "robust": ("no pruning at 5 or more training images per class (after this fine-tuning, pruning measured as "
                "costing clean accuracy and removing no more of the backdoor); below that (SPC 2-5) up to 500 rounds "
                "of pruning with the accuracy bound on all clean few-shot images and a filter that breaks it restored "
-               "and skipped, because fine-tuning alone does not unlearn from 1 image per class; fine-tuning on the clean and triggered images at lr 0.001 on a cosine "
-               "schedule teaches each clean image and its triggered twin their true label and the original model's "
+               "and skipped, because fine-tuning alone does not unlearn from 1 image per class; fine-tuning on the "
+               "clean and triggered images at lr 0.001 on a cosine schedule teaches each clean image and its triggered twin their true label and the original model's "
                "output on the clean image, and keeps the epoch with the lowest clean + unlearning validation loss "
                "(no accuracy bound on 1 validation image per class: one image would veto the epoch; the clean loss "
                "and the distillation hold accuracy), waiting 30 epochs for a better one",
