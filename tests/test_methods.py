@@ -22,13 +22,17 @@ from hf_gradprune.prune import FilterPruner
 # default 128 is one step per epoch on 90 images (measured on this model at batch 128: FT, NAD and FT-SAM keep ASR
 # above 88 %; at 16 they end below 5 %)
 TUNE = ["--augment", "crop", "--tune-batch-size", "16"]
-RUNS = {"ft": TUNE, "fp": TUNE, "nad": TUNE, "ftsam": TUNE, "clp": [],
+# NAD at the baselines' lr 0.01: on this fixture as trained on an Intel Xeon (AVX-512) its attention loss broke
+# validation accuracy at once and no epoch was kept (ASR 99.7 % unchanged); lr 0.002 ends at 69.7 %, ACC -0.8 pts
+RUNS = {"ft": TUNE, "fp": TUNE, "nad": [*TUNE, "--lr", "0.002"], "ftsam": TUNE, "clp": [],
         # this 16-128-channel model collapses under ANP's CIFAR-10 eps of 0.4 (measured: 216 masks at 0 after 2000
         # iterations, so even the lowest threshold breaks validation accuracy and nothing is pruned); 0.2 suits it.
         # ANP picks its threshold on the validation split: with 1 image per class, one image is the whole alpha
         # (under torch 2.14.1 it kept threshold 0.85, 301 channels, at val ACC 0.9 and lost 21 pts of test ACC);
-        # 3 per class (--val-ratio 0.3) kept 0.25, 104 channels: test ACC -10 pts, ASR 94 -> 0.3 %
-        "anp": ["--anp-eps", "0.2", "--anp-iters", "500", "--val-ratio", "0.3"]}
+        # 3 per class (--val-ratio 0.3) kept 0.25, 104 channels: test ACC -10 pts, ASR 94 -> 0.3 %.
+        # On the fixture as trained on an Intel Xeon (AVX-512), eps 0.1 / 0.15 / 0.2 / 0.3 left ASR at 98.8-99.7 %;
+        # 0.25 took it to 92.6 % (ACC -8.4 pts): ANP is the weakest baseline on this model on any machine
+        "anp": ["--anp-eps", "0.25", "--anp-iters", "500", "--val-ratio", "0.3"]}
 
 
 @pytest.fixture(scope="module")
