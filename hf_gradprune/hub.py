@@ -19,7 +19,7 @@ import torch.nn as nn
 from PIL import Image
 
 from .errors import UserError
-from .names import HUB_ID, is_hub_id, model_name  # noqa: F401 (is_hub_id, model_name: importable here as before)
+from .names import HUB_ID
 
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model.pth", "model.pth")

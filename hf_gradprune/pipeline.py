@@ -22,10 +22,10 @@ from .data import (FewShot, PixelSet, check_classes, decode, draw_few_shot, eval
                    train_per_class)
 from .errors import UserError
 from .finetune import TuneConfig
-from .hub import LOCAL_FILE, LoadedModel, load_model, model_name, save_model, source_card_license
+from .hub import LOCAL_FILE, LoadedModel, load_model, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
 from .methods import METHODS, BaselineConfig, Defence, defend
-from .names import hub_id_of, local_name, public_name
+from .names import hub_id_of, local_name, model_name, public_name
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .prune import PruneConfig

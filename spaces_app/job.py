@@ -22,8 +22,8 @@ import numpy as np
 from hf_gradprune.cli import job_config, published_argv, redacted_command
 from hf_gradprune.errors import UserError
 from hf_gradprune.finetune import TuneConfig
-from hf_gradprune.hub import PushFailed, default_repo_id, failure_reason, model_name, push_folder
-from hf_gradprune.names import HUB_ID, public_name
+from hf_gradprune.hub import PushFailed, default_repo_id, failure_reason, push_folder
+from hf_gradprune.names import HUB_ID, model_name, public_name
 from hf_gradprune.progress import ProgressEvent
 
 JOB_PREFIX = "gradprune-job-"
