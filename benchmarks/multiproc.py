@@ -73,7 +73,7 @@ def compare(ref: dict, other: dict, ref_dir: Path, other_dir: Path) -> dict:
     from safetensors.torch import load_file
     a, b = load_file(ref_dir / "model.safetensors"), load_file(other_dir / "model.safetensors")
     diff = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
-    pick = lambda r: [(p["layer"], p["filter"]) for p in r["prune"]["rounds"]]  # noqa: E731
+    pick = lambda r: [(p["layer"], p["index"]) for p in r["prune"]["rounds"]]  # noqa: E731
     return {"same_pruning": pick(ref) == pick(other), "same_before": ref["before"] == other["before"],
             "same_after": ref["after"] == other["after"], "after_acc": other["after"]["acc"],
             "after_asr": other["after"]["asr"], "max_weight_diff": diff}

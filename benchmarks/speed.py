@@ -52,7 +52,7 @@ def engine_rounds(job, pruner, rounds: int, batch_size: int, autocast: bool = Fa
                              cfg, job.target, batch_size, lambda r: stamps.append(time.perf_counter()))
     while pruner.pruned:
         pruner.undo_last()
-    return [b - a for a, b in zip(stamps, stamps[1:])], [(r.layer, r.filter) for r in res.rounds]
+    return [b - a for a, b in zip(stamps, stamps[1:])], [(r.layer, r.index) for r in res.rounds]
 
 
 def naive_rounds(job, pruner, rounds: int, batch_size: int, stamp) -> tuple[list[float], list]:
@@ -97,7 +97,7 @@ def measure(zoo, spc: int, rounds: int, seed: int, eval_limit: int, log) -> dict
     t = job.tensors
     pruner = FilterPruner(model, job.loaded.net, t["train"][:1])
     stamp = make_trigger(cfg.trigger, job.loaded.input_size)
-    floor = round_floor(model, pruner.convs, t["trig_train"], t["train_y"], t["val"], t["trig_val"], cfg.batch_size,
+    floor = round_floor(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], cfg.batch_size,
                         repeats=5)
     engine_t, engine_p = engine_rounds(job, pruner, rounds, cfg.batch_size)
     log(f"SPC {spc}: floor {floor:.3f} s, engine {statistics.median(engine_t):.3f} s/round")

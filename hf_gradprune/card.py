@@ -12,6 +12,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .units import KINDS
+
 TEMPLATE = "gradprune_card.md"
 PAPER_URL = "https://arxiv.org/abs/2405.03918"  # Dunnett et al., 2024, the method's paper
 HUB_URL = "https://huggingface.co"
@@ -61,15 +63,12 @@ def _pct(metrics: dict) -> dict:
 
 
 def _layer_rows(changed: list[dict]) -> list[dict]:
-    from .methods import changed_index
-    per_layer: OrderedDict[str, list[int]] = OrderedDict()
+    """One row per (layer, unit kind): how many were zeroed, and which."""
+    per_layer: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
     for p in changed:
-        per_layer.setdefault(p["layer"], []).append(changed_index(p))
-    return [{"layer": k, "count": len(v), "indices": ", ".join(map(str, sorted(v)))} for k, v in per_layer.items()]
-
-
-_CHANGED_KIND = {"filter": "filters (conv output channels)", "input_channel": "input channels",
-                 "channel": "norm channels"}
+        per_layer.setdefault((p["layer"], p["kind"]), []).append(p["index"])
+    return [{"layer": layer, "kind": KINDS[kind], "count": len(v), "indices": ", ".join(map(str, sorted(v)))}
+            for (layer, kind), v in per_layer.items()]
 
 
 def render_card(report: dict, plot_file: str, license: str | None = None) -> ModelCard:
@@ -98,7 +97,6 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
     if repo:
         load = load.replace("<repo-id>", repo)
     cfg, changed, target = report["config"], report["pruned"], report["target"]
-    kind = next((k for k in _CHANGED_KIND if changed and k in changed[0]), "filter")
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),
         model_name=model_name, source=source, source_url=hub_url(source_id), revision=report["source"].get("revision"),
@@ -112,7 +110,7 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         spc=cfg["spc"], split=cfg["split"], n_train=report["data"]["n_train"], n_val=report["data"]["n_val"],
         seed=cfg["seed"], method_title=method["title"], method_desc=method["description"],
         recipe=method.get("recipe"), recipe_desc=method.get("recipe_description"),
-        method_reference=method["reference"], method_summary=method["summary"], changed_kind=_CHANGED_KIND[kind],
+        method_reference=method["reference"], method_summary=method["summary"],
         uses_triggered=method["name"] == "gradprune", data_free=method["name"] == "clp",
         plot_caption="Channels zeroed per conv layer (no data used)" if method["name"] == "clp" else
         "How the defence went, on the validation split",

@@ -35,7 +35,8 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     # (--tok, --out) would slip a token or a path past it
     p = cls(
         prog="hf-gradprune", allow_abbrev=False,
-        description="Remove a backdoor from a timm / transformers CNN by gradient-based filter pruning + fine-tuning "
+        description="Remove a backdoor from a timm / transformers image classifier (CNN, ViT, Swin, ConvNeXt) by "
+                    "unlearning: gradient-based pruning of filters / neurons / heads + fine-tuning "
                     "(Dunnett et al., 2024). Other commands: 'hf-gradprune demo' (offline demo), "
                     "'hf-gradprune push DIR' (upload an output folder).")
     p.add_argument("model", metavar="MODEL", help="Hub model id (org/name) or a local folder in Hub layout")
@@ -213,11 +214,20 @@ class TqdmProgress:
             self.bar = None
 
 
+def _units(changed: list[dict]) -> str:
+    """[{"kind": "head", ...}, {"kind": "neuron", ...}] -> "2 units (1 head, 1 neuron)"."""
+    kinds: dict[str, int] = {}
+    for unit in changed:
+        kinds[unit["kind"]] = kinds.get(unit["kind"], 0) + 1
+    detail = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    return f"{len(changed)} unit{'s' if len(changed) != 1 else ''}" + (f" ({detail})" if detail else "")
+
+
 def _summary(report: dict, out: Path) -> str:
     b, a, t = report["before"], report["after"], report["target"]
     name = f" ({t['name']})" if t.get("name") else ""
     lines = [f"target class: {t['index']}{name}{' [auto]' if t['auto'] else ''}",
-             f"method {report['method']['title']}: zeroed {report['rounds']} channels, fine-tuned "
+             f"method {report['method']['title']}: zeroed {_units(report['pruned'])}, fine-tuned "
              f"{report['finetune_epochs']} epochs",
              f"{'':8}{'before':>9}{'after':>9}"]
     for key, label in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):

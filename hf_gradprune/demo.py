@@ -158,15 +158,16 @@ def save_timm(model: Classifier, folder: Path, model_args: dict, label_names: li
     return Path(folder)
 
 
-def transformers_digits_model(size: int = 32, seed: int = 0):
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+def transformers_digits_model(size: int = 32, seed: int = 0, config=None):
+    from transformers import AutoModelForImageClassification, ConvNextImageProcessor, ResNetConfig
     torch.manual_seed(seed)
-    cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
-                       num_labels=10, id2label=dict(enumerate(DIGIT_NAMES)),
-                       label2id={n: i for i, n in enumerate(DIGIT_NAMES)}, downsample_in_first_stage=False)
+    cfg = config or ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
+                                 layer_type="basic", downsample_in_first_stage=False)
+    cfg.num_labels, cfg.id2label = 10, dict(enumerate(DIGIT_NAMES))
+    cfg.label2id = {n: i for i, n in enumerate(DIGIT_NAMES)}
     processor = ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=1.0, image_mean=list(MEAN),
                                        image_std=list(STD), resample=Image.BILINEAR)
-    return Classifier(ResNetForImageClassification(cfg), "transformers", 1 / 255, MEAN, STD), processor
+    return Classifier(AutoModelForImageClassification.from_config(cfg), "transformers", 1 / 255, MEAN, STD), processor
 
 
 def save_transformers(model: Classifier, processor, folder: Path) -> Path:
@@ -176,21 +177,25 @@ def save_transformers(model: Classifier, processor, folder: Path) -> Path:
 
 
 def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 12, target: int = 0,
-                            poison_rate: float = 0.1, seed: int = 0) -> dict:
-    """Plant a BadNets backdoor in a digits classifier; write model/ and data/ in Hub layout under folder."""
+                            poison_rate: float = 0.1, seed: int = 0, arch: str = "resnet18",
+                            model_args: dict | None = None, config=None, lr: float = 0.05) -> dict:
+    """Plant a BadNets backdoor in a digits classifier; write model/ and data/ in Hub layout under folder.
+
+    timm: `arch` + `model_args` (default: a narrow ResNet-18); transformers: `config`, a transformers config of an
+    image classifier (default: a small ResNet), built with AutoModelForImageClassification."""
     folder = Path(folder)
     splits = digits(seed=seed)
     x, y = splits["train"]
     stamp = make_trigger(TriggerSpec("badnet"), (32, 32))
     px, py = poison(x, y, poison_rate, target, stamp, seed)
     if library == "timm":
-        channels = (16, 32, 64, 128)
-        model = timm_resnet18(channels, seed=seed)
+        model_args = resnet_args((16, 32, 64, 128)) if model_args is None and arch == "resnet18" else (model_args or {})
+        model = timm_classifier(arch, DIGIT_NAMES, seed=seed, **model_args)
     else:
-        model, processor = transformers_digits_model(seed=seed)
-    asr, rounds = _plant(model, px, py, epochs, seed, splits["test"], stamp, target)
+        model, processor = transformers_digits_model(seed=seed, config=config)
+    asr, rounds = _plant(model, px, py, epochs, seed, splits["test"], stamp, target, lr)
     if library == "timm":
-        save_timm(model, folder / "model", resnet_args(channels))
+        save_timm(model, folder / "model", model_args)
     else:
         save_transformers(model, processor, folder / "model")
     write_hub_dataset(folder / "data", splits, DIGIT_NAMES)
@@ -201,7 +206,7 @@ PLANTED_ASR = 0.9  # a backdoor counts as planted when this share of triggered n
 
 
 def _plant(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, test: tuple[np.ndarray, np.ndarray],
-           stamp: Callable, target: int, max_runs: int = 3) -> tuple[float, int]:
+           stamp: Callable, target: int, lr: float = 0.05, max_runs: int = 3) -> tuple[float, int]:
     """Train until the backdoor has taken hold. BadNets on digits is learned abruptly, late in a short run, and
     whether 10 epochs get there depends on the CPU's reduction order (seen: ASR 99.7 % on 2 threads, 6.5 % on 1):
     another run of the same schedule from where the last ended makes it take hold everywhere instead of on most
@@ -209,7 +214,7 @@ def _plant(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: in
     from .metrics import attack_metrics
     clean = torch.from_numpy(test[0]).permute(0, 3, 1, 2).contiguous()
     for run in range(1, max_runs + 1):
-        train_classifier(model, x, y, epochs, batch_size=32, seed=seed + run - 1)
+        train_classifier(model, x, y, epochs, lr=lr, batch_size=32, seed=seed + run - 1)
         asr = attack_metrics(model, clean, stamp(clean), torch.from_numpy(test[1]), target).asr
         if asr >= PLANTED_ASR:
             return asr, run

@@ -131,11 +131,6 @@ def load_model(source: str, revision: str | None = None, allow_pickle: bool = Fa
     return loader(local, cfg, source, resolved, allow_pickle, trust_remote_code)
 
 
-def require_convs(net: nn.Module, source: str) -> None:
-    if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
-        raise UserError(f"MODEL {source}: has no Conv2d layers; gradient pruning scores conv filters, so it needs a CNN")
-
-
 def _load_timm(local, cfg, source, revision, allow_pickle, trust_remote_code) -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
@@ -144,7 +139,6 @@ def _load_timm(local, cfg, source, revision, allow_pickle, trust_remote_code) ->
     except RuntimeError as e:
         raise UserError(f"MODEL {source}: timm cannot build architecture {cfg.get('architecture')!r} ({e}); "
                         "upgrade timm or check config.json") from None
-    require_convs(net, source)
     state = _read_state_dict(local, source, allow_pickle)
     try:
         net.load_state_dict(state, strict=True)
@@ -188,7 +182,6 @@ def _load_transformers(local, cfg, source, revision, allow_pickle, trust_remote_
     except ValueError as e:
         raise UserError(f"MODEL {source}: transformers cannot load it as an image classifier "
                         f"({str(e).splitlines()[0][:200]})") from None
-    require_convs(net, source)
     try:
         processor = AutoImageProcessor.from_pretrained(local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

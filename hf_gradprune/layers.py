@@ -57,7 +57,7 @@ def stage_outputs(loaded: LoadedModel, count: int) -> Callable[[torch.Tensor], t
     if loaded.library == "transformers":
         def forward(x):
             out = net(pixel_values=model.normalise(x), output_hidden_states=True)
-            stages = [h for h in (out.hidden_states or ()) if h.dim() == 4]
+            stages = [h for h in (out.hidden_states or ()) if h.dim() in (3, 4)]
             if len(stages) < count:
                 raise UserError(f"MODEL {loaded.source}: gives {len(stages)} stage outputs, NAD needs {count}")
             return out.logits, stages[-count:]
@@ -72,7 +72,9 @@ def stage_outputs(loaded: LoadedModel, count: int) -> Callable[[torch.Tensor], t
 
     def forward(x):
         feats: list[torch.Tensor] = []
-        handles = [modules[n].register_forward_hook(lambda m, i, o: feats.append(o)) for n in names]
+        channels_last = getattr(net, "output_fmt", "NCHW") == "NHWC"  # timm Swin's stages are (N, H, W, C)
+        handles = [modules[n].register_forward_hook(
+            lambda m, i, o: feats.append(o.permute(0, 3, 1, 2) if channels_last and o.dim() == 4 else o)) for n in names]
         try:
             logits = model(x)
         finally:
@@ -87,5 +89,5 @@ def batch_norms(loaded: LoadedModel, method: str) -> list[tuple[str, nn.modules.
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
     if not norms:
         raise UserError(f"MODEL {loaded.source}: has no affine BatchNorm layers, which --method {method} works on; "
-                        "use --method gradprune or ft")
+                        "methods for this model: gradprune, ft, fp, nad, ftsam")
     return norms

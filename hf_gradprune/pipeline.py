@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,80 +18,20 @@ import torch
 
 from . import __version__
 from .card import render_card
-from .data import (FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits,
-                   train_per_class)
+from .data import FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
-from .finetune import TuneConfig
 from .hub import LOCAL_FILE, LoadedModel, load_model, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
-from .methods import METHODS, BaselineConfig, Defence, defend
+from .job import JobConfig, JobResult, Prepared
+from .methods import METHODS, Defence, defend
 from .names import hub_id_of, local_name, model_name, public_name
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
-from .prune import PruneConfig
-from .recipes import DEFAULT_RECIPE, describe as describe_recipe, recipe_configs
-from .triggers import TriggerSpec, make_trigger
+from .recipes import describe as describe_recipe
+from .triggers import make_trigger
 
 REPORT_FILE = "gradprune_report.json"
 PLOT_FILE = "gradprune_rounds.png"
-
-
-@dataclass
-class JobConfig:
-    model: str
-    data: str
-    output: str | None = None  # default ./<model-name>-gradprune
-    revision: str | None = None
-    data_revision: str | None = None
-    split: str = "train"  # few-shot pool
-    eval_split: str | None = None  # None: "test" if the dataset has it, else the pool minus the few-shot draw
-    image_column: str | None = None
-    label_column: str | None = None
-    spc: int = 10  # images per class, train + val
-    val_ratio: float = 0.1
-    seed: int = 0
-    eval_limit: int | None = None
-    trigger: TriggerSpec = field(default_factory=TriggerSpec)
-    backdoor_data: str | None = None  # the defender's own triggered copies, row-aligned with --data
-    target: str = "auto"
-    method: str = "gradprune"  # or a baseline: ft, fp, nad, clp, ftsam, anp (see methods/)
-    recipe: str = DEFAULT_RECIPE  # Grad-Prune's recipe (recipes.py): "robust" (default) or "paper"
-    prune: PruneConfig | None = None  # Grad-Prune (default: the recipe's); alpha also bounds FP's and ANP's sweeps
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    tune: TuneConfig | None = None  # Grad-Prune's fine-tuning (default: the recipe's)
-    batch_size: int = 256
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    device: str | None = None  # default: accelerate's choice (GPU when there is one); one process only
-    mixed_precision: str | None = None  # "no" | "fp16" | "bf16" for fine-tuning; default: accelerate's config
-    repo_id: str | None = None  # where the card says the model lives, when it is pushed
-    command: str | None = None  # the command as published in the card: token removed, paths by name (cli.py)
-    source_id: str | None = None  # the Hub repo a local MODEL folder lives at (--source-id): the card's base_model
-    data_id: str | None = None  # the Hub repo a local --data folder lives at (--data-id): the card's datasets
-    measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
-
-    def __post_init__(self):
-        prune, tune = recipe_configs(self.recipe, train_per_class(self.spc, self.val_ratio))
-        self.prune = self.prune or prune
-        self.tune = self.tune or tune
-
-    @property
-    def model_shown(self) -> str:
-        """What the card, report and progress call the model: its Hub id or ./<folder name> (names.py)."""
-        return public_name(self.model, self.source_id)
-
-    @property
-    def data_shown(self) -> str:
-        return public_name(self.data, self.data_id)
-
-
-@dataclass
-class JobResult:
-    output_dir: Path
-    report: dict
-    is_main: bool = True  # False on the other processes of an `accelerate launch` job: they print and push nothing
-    samples: dict[str, np.ndarray] | None = None  # uint8 (K, 3, H, W) "clean" / "triggered" pixels of report["preview"]
 
 
 PREVIEW_SAMPLES = 4
@@ -186,19 +126,6 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: 
     stamp = make_trigger(cfg.trigger, loaded.input_size)
     out = [PixelSet(stamp(s.pixels), s.labels) for s in (data.train, data.val, data.test)]
     return out[0], out[1], out[2], cfg.trigger.describe()
-
-
-@dataclass
-class Prepared:
-    """A job's model and data on the device, ready for the defence: every tensor made once, before the loop."""
-    loaded: LoadedModel
-    data: FewShot
-    meta: dict
-    tensors: dict[str, torch.Tensor]  # train/val/test pixels (uint8), their triggered twins, labels
-    target: int
-    target_auto: bool
-    trigger: str
-    procs: Procs = field(default_factory=Procs)  # this process's share of an `accelerate launch` job
 
 
 def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: Procs | None = None) -> Prepared:

@@ -29,11 +29,12 @@ def plot_rounds(result: PruneResult, alpha: float, path: Path) -> Path:
         ax.plot(rounds, [100 * a for a in asr], "s-", color="tab:red", ms=3, label="val ASR (triggered)")
     undone = [(r.round, 100 * c) for r, c in zip(result.rounds, checked[1:]) if r.undone]
     if undone:
-        ax.scatter(*zip(*undone), marker="x", color="k", s=30, zorder=3, label="filter undone and skipped")
+        ax.scatter(*zip(*undone), marker="x", color="k", s=30, zorder=3, label="unit undone and skipped")
     ax.axhline(100 * (checked[0] - alpha), color="tab:blue", ls=":", lw=1, label=f"ACC floor (alpha={alpha:g})")
     ax.axvline(result.kept_rounds, color="k", ls="--", lw=1, label=f"kept: round {result.kept_rounds}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("pruning round (one filter each)")
+    kinds = list(dict.fromkeys(r.kind for r in result.rounds)) or ["unit"]
+    ax.set_xlabel(f"pruning round (one {' / '.join(kinds)} each)")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
     ax2 = ax.twinx()

@@ -1,8 +1,8 @@
-"""Gradient-based filter pruning (Dunnett et al., 2024).
+"""Gradient-based pruning (Dunnett et al., 2024), of every unit kind `units.py` finds.
 
 Each round: the unlearning loss (cross-entropy of the TRIGGERED training images against their TRUE labels)
-is back-propagated, every conv filter gets the mean |dL/dW| over its weights, and the single
-highest-scoring filter is pruned. Pruning only ever zeroes parameters, so the best round is rebuilt by
+is back-propagated, every unit (a conv filter, an MLP neuron, an attention head) gets the mean |dL/dW| over the
+weights that write it, and the single highest-scoring unit is pruned. Pruning only ever zeroes parameters, so the best round is rebuilt by
 undoing the later rounds from the saved slices: no model copies in the loop.
 
 Where the accuracy bound and the kept round are measured, and what a round past the bound does, are the two
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .parallel import SINGLE, Procs
+from .units import Family, Part, Unit, UnitPruner, unit_rows
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -54,15 +55,16 @@ NORMALISATIONS = ("none", "layer")
 @dataclass
 class PruneRound:
     round: int
+    kind: str  # the unit's kind (units.KINDS): filter, neuron, head
     layer: str
-    filter: int
+    index: int
     score: float
     val_acc: float
     val_unlearning_loss: float
     val_asr: float | None
     fewshot_acc: float | None = None  # check_on "fewshot": the same on the clean train + val images and their twins
     fewshot_unlearning_loss: float | None = None
-    undone: bool = False  # on_break "skip": this filter broke alpha, was restored at once and is never tried again
+    undone: bool = False  # on_break "skip": this unit broke alpha, was restored at once and is never tried again
 
 
 @dataclass
@@ -79,7 +81,7 @@ class PruneResult:
 
     @property
     def pruned(self) -> list[dict]:
-        return [{"layer": r.layer, "filter": r.filter, "score": r.score} for r in self.rounds[: self.kept_rounds]
+        return [Unit(r.kind, r.layer, r.index, r.score).to_dict() for r in self.rounds[: self.kept_rounds]
                 if not r.undone]
 
     @property
@@ -128,60 +130,26 @@ def norms_fed_by_convs(model: nn.Module, net: nn.Module, example: torch.Tensor) 
     return pairs
 
 
-class FilterPruner:
-    """Makes a conv output channel truly inactive: zero filter and bias, and zero the affine weight and bias
-    of the norm layer it feeds, so that channel leaves the norm as 0 rather than a constant."""
+class FilterPruner(UnitPruner):
+    """Every conv filter of the net as a unit (the paper's unit set, and CLP's): the filter and its bias, and the
+    affine weight and bias of the norm layer it feeds, so that channel leaves the norm as 0 rather than a constant.
+    `units.find_units` is the engine's default, which keeps only filters that enter a per-channel batch norm."""
 
     def __init__(self, model: nn.Module, net: nn.Module, example: torch.Tensor):
         self.convs = conv_layers(net)
         self.norms = norms_fed_by_convs(model, net, example)
-        self.offsets = [0]
-        for _, conv in self.convs:
-            self.offsets.append(self.offsets[-1] + conv.out_channels)
-        self.pruned: list[tuple[int, int]] = []  # (conv index, filter) in pruning order
-        self._saved: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        families = []
+        for name, conv in self.convs:
+            rows = unit_rows(conv.out_channels)
+            parts = [Part(conv.weight, 0, rows, producer=True, scored=True)]
+            parts += [Part(p, 0, rows, producer=p is conv.bias) for p in
+                      [conv.bias] + [q for n in self.norms.get(name, []) for q in (n.weight, n.bias)] if p is not None]
+            families.append(Family("filter", name, conv.out_channels, parts))
+        super().__init__(families)
 
     @property
     def num_filters(self) -> int:
-        return self.offsets[-1]
-
-    def locate(self, flat: int) -> tuple[int, int]:
-        for i in range(len(self.convs)):
-            if flat < self.offsets[i + 1]:
-                return i, flat - self.offsets[i]
-        raise IndexError(flat)
-
-    def _slices(self, conv_idx: int, f: int) -> list[torch.Tensor]:
-        name, conv = self.convs[conv_idx]
-        params = [conv.weight, conv.bias] + [p for n in self.norms.get(name, []) for p in (n.weight, n.bias)]
-        return [p.data[f] for p in params if p is not None]
-
-    @torch.no_grad()
-    def prune(self, conv_idx: int, f: int) -> None:
-        slices = self._slices(conv_idx, f)
-        self._saved.append([(s, s.clone()) for s in slices])
-        for s in slices:
-            s.zero_()
-        self.pruned.append((conv_idx, f))
-
-    @torch.no_grad()
-    def undo_last(self) -> None:
-        for view, original in self._saved.pop():
-            view.copy_(original)
-        self.pruned.pop()
-
-    @torch.no_grad()
-    def reapply(self) -> None:
-        """Keep pruned channels at zero after an optimizer step (fine-tuning must not revive them)."""
-        for conv_idx, f in self.pruned:
-            for s in self._slices(conv_idx, f):
-                s.zero_()
-
-    def pruned_mask(self, device) -> torch.Tensor:
-        mask = torch.zeros(self.num_filters, dtype=torch.bool, device=device)
-        for conv_idx, f in self.pruned:
-            mask[self.offsets[conv_idx] + f] = True
-        return mask
+        return self.num_units
 
 
 def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggered: torch.Tensor,
@@ -219,6 +187,43 @@ def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggere
             p.requires_grad_(flag)
         for _, c in convs:
             c.weight.grad = None
+
+
+def unit_scores(model: nn.Module, pruner: UnitPruner, triggered: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                score: str = "grad", normalise: str = "none", procs: Procs = SINGLE) -> torch.Tensor:
+    """Paper Eq. 3 for every unit kind: mean |d unlearning_loss / dW| over the unit's producer weights (a conv
+    filter, an MLP neuron's producer row, a head's query / key / value rows), all families concatenated.
+
+    As `filter_scores`: the loss summed over the training split, each process its chunks, gradients summed across
+    processes; eval mode, only the scored weights take gradients. On a CNN it gives filter_scores' numbers."""
+    weights = pruner.scored_params()
+    wanted = {id(w) for w in weights}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in wanted)
+    model.eval()
+    for w in weights:
+        w.grad = None
+    try:
+        for _, start, end in procs.chunks(len(labels), batch_size):
+            F.cross_entropy(model(triggered[start:end]), labels[start:end], reduction="sum").backward()
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
+        if procs.world > 1:
+            flat = procs.all_sum(torch.cat([g.flatten() for g in grads]))
+            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        by_id = {id(w): g for w, g in zip(weights, grads)}
+        per_family = []
+        for fam in pruner.families:
+            s = fam.scores(by_id, score)
+            if normalise == "layer":
+                s = s / s.mean().clamp_min(torch.finfo(s.dtype).tiny)
+            per_family.append(s)
+        return torch.cat(per_family)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for w in weights:
+            w.grad = None
 
 
 @dataclass(frozen=True)
@@ -279,7 +284,7 @@ def accuracy_dropped(base_correct: int, correct: int, n_val: int, alpha: float) 
     return base_correct - correct > Fraction(str(alpha)) * n_val
 
 
-def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torch.Tensor, train_labels: torch.Tensor,
+def gradient_prune(model: nn.Module, pruner: UnitPruner, train_triggered: torch.Tensor, train_labels: torch.Tensor,
                    val_clean: torch.Tensor, val_triggered: torch.Tensor, val_labels: torch.Tensor,
                    cfg: PruneConfig, target: int | None, batch_size: int,
                    on_round: Callable[[PruneRound], None] | None = None, procs: Procs = SINGLE,
@@ -306,22 +311,22 @@ def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torc
         return stats.objective if cfg.keep_on == "objective" else stats.unlearning_loss
 
     best_loss, since_best, skips = kept_value(base), 0, 0
-    excluded = torch.zeros(pruner.num_filters, dtype=torch.bool, device=train_labels.device)
+    excluded = torch.zeros(pruner.num_units, dtype=torch.bool, device=train_labels.device)
     for r in range(1, cfg.max_rounds + 1):
-        scores = filter_scores(model, pruner.convs, train_triggered, train_labels, batch_size, cfg.score, cfg.normalise,
-                               procs)
+        scores = unit_scores(model, pruner, train_triggered, train_labels, batch_size, cfg.score, cfg.normalise, procs)
         scores = scores.masked_fill(pruner.pruned_mask(scores.device) | excluded.to(scores.device), float("-inf"))
         best = scores.max(0)
         flat, score = int(best.indices), float(best.values)
-        procs.agree(flat, f"the filter to prune in round {r}")
+        procs.agree(flat, f"the unit to prune in round {r}")
         if score == float("-inf"):
-            result.stop_reason = "no_filters_left"
+            result.stop_reason = "no_units_left"
             break
-        conv_idx, f = pruner.locate(flat)
-        pruner.prune(conv_idx, f)
+        fam_idx, k = pruner.locate(flat)
+        pruner.prune(fam_idx, k)
         val, check = measure()
         broke = accuracy_dropped(base.correct, check.correct, check.n, cfg.alpha)
-        rnd = PruneRound(r, pruner.convs[conv_idx][0], f, score, val.acc, val.unlearning_loss, val.asr,
+        fam = pruner.families[fam_idx]
+        rnd = PruneRound(r, fam.kind, fam.layer, k, score, val.acc, val.unlearning_loss, val.asr,
                          check.acc if fewshot else None, check.unlearning_loss if fewshot else None,
                          undone=broke and cfg.on_break == "skip")
         result.rounds.append(rnd)
@@ -353,14 +358,14 @@ def gradient_prune(model: nn.Module, pruner: FilterPruner, train_triggered: torc
     return result
 
 
-def round_floor(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], train_triggered: torch.Tensor,
+def round_floor(model: nn.Module, pruner: UnitPruner, train_triggered: torch.Tensor,
                 train_labels: torch.Tensor, val_clean: torch.Tensor, val_triggered: torch.Tensor, batch_size: int,
                 repeats: int = 3) -> float:
     """Median seconds of the work no pruning round can skip, written plainly and apart from the engine: one
-    forward+backward over the training split giving the conv weight gradients, and one forward over the images
+    forward+backward over the training split giving the scored weights' gradients, and one forward over the images
     the round is checked on (clean images and their triggered twins: the validation split, or with check_on
     "fewshot" the train + validation images). Benchmarks divide the time per round by it."""
-    weights = [c.weight for _, c in convs]
+    weights = pruner.scored_params()
     model.eval()
     times = []
     for _ in range(repeats):

@@ -170,8 +170,9 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
     settings = settings or SpaceSettings.from_env()
     settings.workdir.mkdir(parents=True, exist_ok=True)
     with gr.Blocks(title="hf-gradprune", analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as demo:
-        gr.Markdown(f"# hf-gradprune {__version__}\nRemove a backdoor from a timm / transformers CNN with a few clean "
-                    "images per class: gradient-based filter pruning + fine-tuning (Dunnett et al., 2024). "
+        gr.Markdown(f"# hf-gradprune {__version__}\nRemove a backdoor from a timm / transformers image classifier with "
+                    "a few clean images per class: gradient-based pruning (conv filters, MLP neurons, attention heads) "
+                    "+ fine-tuning (Dunnett et al., 2024). "
                     "The same job as `hf-gradprune MODEL --data DATA` on the command line.")
         if settings.login:
             gr.LoginButton()

@@ -42,11 +42,11 @@ def test_folder_without_config(run_bad, tmp_path):
     run_bad(model=tmp_path / "empty", expect=("no config.json",))
 
 
-def test_model_without_conv_layers(run_bad, tmp_path):
+def test_model_without_an_image_processor(run_bad, tmp_path):
     from transformers import ImageGPTConfig, ImageGPTForImageClassification
     cfg = ImageGPTConfig(vocab_size=9, n_positions=64, n_embd=16, n_layer=1, n_head=2, num_labels=10)
     ImageGPTForImageClassification(cfg).save_pretrained(tmp_path / "igpt")
-    run_bad(model=tmp_path / "igpt", expect=("no Conv2d layers", "needs a CNN"))
+    run_bad(model=tmp_path / "igpt", expect=("no usable preprocessor_config.json", "save the image processor"))
 
 
 def test_dataset_without_image_or_label_columns(run_bad, tmp_path):

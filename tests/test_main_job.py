@@ -28,7 +28,7 @@ def test_timm_backdoor_removed(timm_result):
     assert_backdoor_removed(report)
     assert report["rounds"] == len(report["pruned"]) >= 1
     for p in report["pruned"]:
-        assert set(p) == {"layer", "filter", "score"} and p["score"] > 0
+        assert set(p) == {"kind", "layer", "index", "score"} and p["kind"] == "filter" and p["score"] > 0
     assert report["finetune_epochs"] >= 1
     assert report["source"]["library"] == "timm" and report["source"]["revision"] is None
     assert report["config"]["spc"] == 10 and report["data"]["n_train"] == 90 and report["data"]["n_val"] == 10
@@ -49,7 +49,7 @@ def test_timm_output_reloads_with_same_config_and_measured_numbers(timm_result, 
     assert saved.keys() == original.keys()
     modules = dict(reloaded.named_modules())
     for p in report["pruned"]:
-        assert modules[p["layer"]].weight[p["filter"]].abs().sum() == 0
+        assert modules[p["layer"]].weight[p["index"]].abs().sum() == 0
     # the numbers in the report are those of the saved file: re-measure through the loader
     loaded = load_model(str(out))
     from datasets import load_dataset
@@ -79,7 +79,7 @@ def test_pruned_channels_are_exactly_zero_after_their_norm(timm_result):
     for h in handles:
         h.remove()
     for p in report["pruned"]:
-        assert seen[p["layer"]][:, p["filter"]].abs().max() == 0, p
+        assert seen[p["layer"]][:, p["index"]].abs().max() == 0, p
 
 
 def test_card_metadata_parses_back(timm_result):
@@ -124,7 +124,7 @@ def test_transformers_backdoor_removed_and_reloads(hf_backdoor, tmp_path):
     AutoImageProcessor.from_pretrained(out)
     modules = dict(net.named_modules())
     for p in report["pruned"]:
-        assert modules[p["layer"]].weight[p["filter"]].abs().sum() == 0
+        assert modules[p["layer"]].weight[p["index"]].abs().sum() == 0
     assert {r.metric_type for r in ModelCard.load(out / "README.md").data.eval_results} == \
            {"accuracy", "attack_success_rate", "robust_accuracy"}
 

@@ -93,7 +93,7 @@ def test_fp_keeps_the_last_step_within_alpha_and_the_mask_through_fine_tuning(ba
     assert kept == max(c["pruned"] for c in within)  # the last step within alpha, not the first one past it
     assert any(c["pruned"] > kept for c in curve) or details["stop_reason"] != "accuracy"
     head = load_file(out / "model.safetensors")["fc.weight"]
-    cols = [p["input_channel"] for p in report["pruned"]]
+    cols = [p["index"] for p in report["pruned"]]
     assert head[:, cols].abs().max() == 0  # still zero after fine-tuning
     assert (head.abs().sum(0) > 0).sum() == head.shape[1] - kept
     scores = [p["score"] for p in report["pruned"]]
@@ -105,7 +105,7 @@ def test_anp_zeroes_the_norm_scales_it_reports(baseline_runs, timm_backdoor):
     saved, source = load_file(out / "model.safetensors"), load_file(Path(timm_backdoor["model"]) / "model.safetensors")
     assert report["pruned"] and report["prune"]["threshold"] > 0
     for p in report["pruned"]:
-        assert saved[f"{p['layer']}.weight"][p["channel"]] == 0
+        assert saved[f"{p['layer']}.weight"][p["index"]] == 0
         assert p["score"] < report["prune"]["threshold"]
     changed = {k for k in saved if not torch.equal(saved[k], source[k])}
     assert changed == {f"{p['layer']}.weight" for p in report["pruned"]}  # no fine-tuning, nothing else moved
@@ -127,8 +127,8 @@ def test_clp_is_data_free_and_changes_only_the_channels_it_reports(baseline_runs
     norm_names = {id(m): n for n, m in source.net.named_modules()}
     allowed = set()
     for p in report["pruned"]:
-        allowed |= {(f"{p['layer']}.weight", p["filter"])}
-        allowed |= {(f"{norm_names[id(n)]}.{w}", p["filter"]) for n in pruner.norms[p["layer"]] for w in ("weight", "bias")}
+        allowed |= {(f"{p['layer']}.weight", p["index"])}
+        allowed |= {(f"{norm_names[id(n)]}.{w}", p["index"]) for n in pruner.norms[p["layer"]] for w in ("weight", "bias")}
     original = load_file(Path(timm_backdoor["model"]) / "model.safetensors")
     for k, v in saved.items():
         diff = (v != original[k])
@@ -136,7 +136,7 @@ def test_clp_is_data_free_and_changes_only_the_channels_it_reports(baseline_runs
             rows = torch.nonzero(diff.reshape(len(v), -1).any(1)).flatten().tolist()
             assert {(k, r) for r in rows} <= allowed, k
     for p in report["pruned"]:
-        assert saved[f"{p['layer']}.weight"][p["filter"]].abs().sum() == 0
+        assert saved[f"{p['layer']}.weight"][p["index"]].abs().sum() == 0
 
     # the scores are the paper's upper bound, recomputed here with numpy's SVD for one pruned layer
     layer = report["pruned"][0]["layer"]
@@ -147,7 +147,7 @@ def test_clp_is_data_free_and_changes_only_the_channels_it_reports(baseline_runs
     bound = np.array([np.linalg.svd(w[k].reshape(conv.in_channels // conv.groups, -1) * scale[k],
                                     compute_uv=False).max() for k in range(len(w))])
     expected = np.flatnonzero(bound > bound.mean() + 3 * bound.std(ddof=1)).tolist()
-    assert [p["filter"] for p in report["pruned"] if p["layer"] == layer] == expected
+    assert [p["index"] for p in report["pruned"] if p["layer"] == layer] == expected
 
 
 def test_baseline_same_seed_same_weights(baseline_runs, timm_backdoor, tmp_path):
@@ -178,7 +178,7 @@ def test_baselines_on_transformers(hf_backdoor, tmp_path, method):
     if method == "fp":
         assert report["after"]["asr"] < report["before"]["asr"]
         weight = net.classifier[1].weight
-        assert report["pruned"] and all(weight[:, p["input_channel"]].abs().sum() == 0 for p in report["pruned"])
+        assert report["pruned"] and all(weight[:, p["index"]].abs().sum() == 0 for p in report["pruned"])
     assert json.loads((out / "config.json").read_text())["model_type"] == "resnet"
 
 

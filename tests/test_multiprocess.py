@@ -66,10 +66,10 @@ def test_two_processes_prune_the_same_filters_and_measure_the_same(one_and_two):
     one, two = read_report(single), read_report(double)
     assert one["processes"]["count"] == 1 and two["processes"]["count"] == 2
     assert one["before"]["asr"] > 0.9 and one["after"]["asr"] < 0.2  # a real backdoor, really removed
-    assert [(p["layer"], p["filter"]) for p in two["pruned"]] == [(p["layer"], p["filter"]) for p in one["pruned"]]
+    assert [(p["layer"], p["index"]) for p in two["pruned"]] == [(p["layer"], p["index"]) for p in one["pruned"]]
     assert len(one["pruned"]) > 0
     for a, b in zip(one["prune"]["rounds"], two["prune"]["rounds"], strict=True):  # every round tried, also undone
-        assert (a["layer"], a["filter"], a["val_acc"], a["val_asr"]) == (b["layer"], b["filter"], b["val_acc"], b["val_asr"])
+        assert (a["layer"], a["index"], a["val_acc"], a["val_asr"]) == (b["layer"], b["index"], b["val_acc"], b["val_asr"])
         assert a["val_unlearning_loss"] == b["val_unlearning_loss"]  # per-chunk sums in chunk order: bit for bit
         assert (a["fewshot_acc"], a["fewshot_unlearning_loss"], a["undone"]) == \
             (b["fewshot_acc"], b["fewshot_unlearning_loss"], b["undone"])  # the robust recipe's checks, also exact
@@ -93,7 +93,7 @@ def test_two_processes_save_the_same_weights_once(one_and_two):
             assert torch.equal(w1[k], w2[k]), k
     pruned = read_report(double)["pruned"]
     for p in pruned:  # pruned filters stayed pruned on the replicas through data-parallel fine-tuning
-        assert w2[f"{p['layer']}.weight"][p["filter"]].abs().sum() == 0
+        assert w2[f"{p['layer']}.weight"][p["index"]].abs().sum() == 0
     # only the main process wrote (a second writer would have failed on the existing folder) and reported
     assert proc.stdout.count("output:") == 1
     assert [name for name in os.listdir(double.parent) if "double" in name] == ["double"]  # no temporary left

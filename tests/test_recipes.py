@@ -82,7 +82,7 @@ def test_paper_recipe_stops_on_the_trap(trap, timm_backdoor, tmp_path):
     report = _run(trap, timm_backdoor["data"], tmp_path, "--recipe", "paper")
     rounds = report["prune"]["rounds"]
     # the trap really is the first candidate, and the paper's rule ends pruning on it with nothing kept
-    assert [(r["layer"], r["filter"]) for r in rounds] == [trap[1:]]
+    assert [(r["layer"], r["index"]) for r in rounds] == [trap[1:]]
     assert report["prune"]["stop_reason"] == "accuracy" and report["prune"]["kept_rounds"] == 0
     assert report["pruned"] == [] and report["rounds"] == 0
     assert report["method"]["recipe"] == "paper"
@@ -92,14 +92,14 @@ def test_robust_pruning_skips_the_trap_and_removes_the_backdoor(trap, timm_backd
     """The robust recipe with pruning switched on (`--max-rounds`): the trap is undone and skipped, never kept."""
     report = _run(trap, timm_backdoor["data"], tmp_path, "--max-rounds", "500")
     first = report["prune"]["rounds"][0]
-    assert (first["layer"], first["filter"], first["undone"]) == (*trap[1:], True)
-    assert trap[1:] not in [(p["layer"], p["filter"]) for p in report["pruned"]]
+    assert (first["layer"], first["index"], first["undone"]) == (*trap[1:], True)
+    assert trap[1:] not in [(p["layer"], p["index"]) for p in report["pruned"]]
     assert len(report["pruned"]) >= 1
     assert_backdoor_removed(report)
     weights = load_file(tmp_path / "out" / "model.safetensors")
     assert weights[f"{trap[1]}.weight"][trap[2]].abs().sum() > 0  # the undone filter is intact in the saved model
     for p in report["pruned"]:
-        assert weights[f"{p['layer']}.weight"][p["filter"]].abs().sum() == 0
+        assert weights[f"{p['layer']}.weight"][p["index"]].abs().sum() == 0
 
 
 def test_default_recipe_removes_the_backdoor_the_paper_recipe_left(trap, timm_backdoor, tmp_path):

@@ -9,8 +9,9 @@ from PIL import Image
 
 from hf_gradprune.data import check_classes, draw_few_shot
 from hf_gradprune.errors import UserError
-from hf_gradprune.prune import FilterPruner, accuracy_dropped, filter_scores, norms_fed_by_convs
+from hf_gradprune.prune import FilterPruner, accuracy_dropped, filter_scores, norms_fed_by_convs, unit_scores
 from hf_gradprune.triggers import TriggerSpec, badnet_patch_size, make_trigger
+from hf_gradprune.units import UnitPruner, find_units
 
 
 def images(n=4, size=32, seed=0):
@@ -190,3 +191,18 @@ def test_score_variants_grad_x_weight_and_layer_normalisation():
     for layer, raw in zip(normed.split(sizes), gxw):
         assert torch.allclose(layer, raw / raw.mean(), rtol=1e-5)
         assert abs(float(layer.mean()) - 1) < 1e-5  # every layer competes on the same scale
+
+
+def test_unit_scores_on_a_cnn_are_the_papers_filter_scores_bit_for_bit():
+    """The engine scores every unit kind; on a CNN whose convs all feed batch norms it must give the paper's filter
+    scores exactly, so the ResNet results of the filter-only engine are reproduced. Tangled's depthwise conv feeds
+    no norm: a per-channel norm is what makes a filter a unit, so it is the one filter left out."""
+    model = randomised(Tangled())
+    x, y = images(6, 8, seed=1), torch.tensor([0, 1, 2, 0, 1, 2])
+    pruner = FilterPruner(model, model, x[:1])
+    families = find_units(model, model, x[:2])
+    assert [(f.kind, f.layer) for f in families] == [("filter", "conv_b"), ("filter", "conv_a")]
+    for score in ("grad", "grad_x_weight"):
+        expected = filter_scores(model, pruner.convs, x, y, batch_size=4, score=score)[:10]  # conv_b, conv_a
+        got = unit_scores(model, UnitPruner(families), x, y, batch_size=4, score=score)
+        assert torch.equal(got, expected), score

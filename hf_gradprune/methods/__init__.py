@@ -10,13 +10,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from ..finetune import TuneConfig, TuneResult
+from ..finetune import TuneResult
+from ..job import BaselineConfig, JobConfig, Prepared  # noqa: F401  (BaselineConfig: where callers find it)
 from ..progress import ProgressCallback
-
-if TYPE_CHECKING:
-    from ..pipeline import JobConfig, Prepared
 
 # name -> (title, one line on what it does, reference)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -36,38 +34,10 @@ METHODS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _baseline_tune() -> TuneConfig:
-    # BackdoorBench's fine-tuning defences: SGD lr 0.01 cosine over 100 epochs, momentum 0.9, wd 5e-4, training
-    # augmentation. Here they keep the latest epoch whose clean validation accuracy is within alpha of the start and
-    # stop early only after Pt epochs in a row outside it
-    return TuneConfig(lr=0.01, schedule="cosine", augment="crop-flip", select="latest_within_alpha")
-
-
-@dataclass
-class BaselineConfig:
-    tune: TuneConfig = field(default_factory=_baseline_tune)  # FT, FP, NAD (student and teacher), FT-SAM
-    fp_step: float = 0.01  # share of the classifier's input channels pruned per step
-    nad_teacher_epochs: int = 10
-    nad_betas: tuple[float, ...] = (500.0, 1000.0, 1000.0)  # attention loss weights for the last stages, in order
-    nad_power: float = 2.0
-    clp_u: float = 3.0  # prune channels above mean + u * std of their layer
-    sam_rho: float = 2.0  # FT-SAM's CIFAR-10 setting (GTSRB: 8.0)
-    sam_adaptive: bool = True
-    sam_label_smoothing: float = 0.1  # FT-SAM's CIFAR-10 setting (GTSRB: 0.0)
-    anp_eps: float = 0.4
-    anp_steps: int = 1
-    anp_alpha: float = 0.2  # weight of the clean loss against the perturbed loss
-    anp_iters: int = 2000
-    anp_mask_lr: float = 0.2
-    anp_batch_size: int = 128
-    anp_max_threshold: float = 0.90
-    anp_threshold_step: float = 0.05
-
-
 @dataclass
 class Defence:
     """What a defence did, for the report, the card and the plot."""
-    changed: list[dict]  # every channel it zeroed: {"layer", "filter" | "input_channel" | "channel", "score"}
+    changed: list[dict]  # every unit it zeroed: units.Unit.to_dict() ({"kind", "layer", "index", "score"})
     candidates: int  # how many channels it could have zeroed
     summary: str  # one sentence for the card
     details: dict  # the method's own record (rounds, thresholds, teacher, ...) for the report
@@ -76,10 +46,7 @@ class Defence:
     plot: Callable[[Path], object] | None = None
 
 
-def defend(method: str, job: "Prepared", cfg: "JobConfig", emit: ProgressCallback) -> Defence:
+def defend(method: str, job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     """Run one defence; `pipeline.run` has already checked the name, before anything was loaded."""
     return importlib.import_module(f".{method}", __name__).defend(job, cfg, emit)
 
-
-def changed_index(entry: dict) -> int:
-    return entry.get("filter", entry.get("input_channel", entry.get("channel")))

@@ -20,6 +20,7 @@ from ..masks import ChannelMask
 from ..plot import plot_curve
 from ..progress import ProgressEvent
 from ..prune import accuracy_dropped
+from ..units import Unit
 from . import Defence
 from .fp import val_correct
 
@@ -119,7 +120,7 @@ def defend(job, cfg, emit) -> Defence:
         kept, kept_threshold = len(mask), threshold
     mask.undo_to(kept)
     timing["prune"] = time.perf_counter() - start
-    changed = [{"layer": owner[i][0], "channel": owner[i][1], "score": float(values[i])} for i in ranked[:kept]]
+    changed = [Unit("channel", owner[i][0], owner[i][1], float(values[i])).to_dict() for i in ranked[:kept]]
     summary = (f"Masks were learned for {len(values)} batch-norm channels over {b.anp_iters} iterations under adversarial "
                f"neuron perturbation (eps {b.anp_eps:g}, trade-off {b.anp_alpha:g}, mask lr {b.anp_mask_lr:g}); the "
                f"{kept} channels with a mask below {kept_threshold:.2f} (the largest threshold within alpha = "

@@ -12,6 +12,8 @@ import torch
 from ..plot import plot_curve
 from ..progress import ProgressEvent
 from ..prune import FilterPruner
+from ..errors import UserError
+from ..units import Unit
 from . import Defence
 
 
@@ -41,8 +43,11 @@ def defend(job, cfg, emit) -> Defence:
         hits = torch.nonzero(lips > limit).flatten().tolist()
         for f in hits:
             pruner.prune(i, f)
-            changed.append({"layer": name, "filter": f, "score": float(lips[f])})
+            changed.append(Unit("filter", name, f, float(lips[f])).to_dict())
         per_layer.append((name, len(hits)))
+    if not candidates:
+        raise UserError(f"MODEL {job.loaded.source}: no conv layer feeds a batch norm, which --method clp works on; "
+                        "methods for this model: gradprune, ft, fp, nad, ftsam")
     timing = {"prune": time.perf_counter() - start}
     summary = (f"{len(changed)} of {candidates} conv channels that feed a batch norm had a channel Lipschitz bound above "
                f"mean + {u:g} x std of their layer and were zeroed (filter and norm), in "

@@ -16,6 +16,7 @@ from ..masks import ChannelMask
 from ..plot import plot_curve
 from ..progress import ProgressEvent
 from ..prune import accuracy_dropped
+from ..units import Unit
 from . import Defence
 from .ft import tune_clean
 
@@ -55,7 +56,7 @@ def defend(job, cfg, emit) -> Defence:
     tuned = tune_clean(job, cfg, emit, cfg.baseline.tune, keep=mask, reference_correct=base,
                        what="fine-tuning on clean images with the pruned channels kept at zero")
     timing["finetune"] = time.perf_counter() - start
-    changed = [{"layer": name, "input_channel": c, "score": float(means[c])} for c in order[:kept]]
+    changed = [Unit("feature", name, c, float(means[c])).to_dict() for c in order[:kept]]
     summary = (f"{kept} of the {channels} feature channels feeding `{name}` (the least activated by the clean images, "
                f"{step} per step) were pruned; the sweep stopped at {curve[-1][0]} ({stop}) and kept the last step within "
                f"alpha = {cfg.prune.alpha}. Fine-tuning on clean images then ran {tuned.epochs} epochs "

@@ -1,5 +1,6 @@
-"""Grad-Prune (Dunnett et al., 2024): prune the filters the unlearning loss points at, then fine-tune on clean +
-triggered-with-true-label images. The only method that uses the triggered twins."""
+"""Grad-Prune (Dunnett et al., 2024): prune the units the unlearning loss points at (conv filters, MLP neurons,
+attention heads: `units.find_units`), then fine-tune on clean + triggered-with-true-label images. The only method
+that uses the triggered twins."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 from ..finetune import finetune, probabilities
 from ..plot import plot_curve, plot_rounds
 from ..progress import ProgressEvent
-from ..prune import FilterPruner, PruneRound, gradient_prune, round_floor
+from ..errors import UserError
+from ..prune import PruneRound, gradient_prune, round_floor
+from ..units import UnitPruner, find_units
 from . import Defence
 
 
@@ -17,14 +20,17 @@ def defend(job, cfg, emit) -> Defence:
     model, t = job.loaded.model, job.tensors
     timing = {}
     start = time.perf_counter()
-    pruner = FilterPruner(model, job.loaded.net, t["train"][:1])
+    pruner = UnitPruner(find_units(model, job.loaded.net, t["train"][:2]))
+    if cfg.prune.max_rounds and not pruner.num_units:
+        raise UserError(f"MODEL {job.loaded.source}: no prunable units found (conv filters into a batch norm, MLP "
+                        "neurons, attention heads); run without pruning (--max-rounds 0) or --method ft")
     # what a triggered image should give: the original model's output on its CLEAN twin, taken before any change
     clean_outputs = probabilities(model, t["train"], cfg.batch_size) if cfg.tune.distill > 0 else None
     if cfg.prune.max_rounds:
-        emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {pruner.num_filters} filters"))
+        emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {describe_units(pruner.counts())}"))
 
     def on_round(r: PruneRound) -> None:
-        emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer}[{r.filter}]",
+        emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer} {r.kind} {r.index}",
                            values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss, "val_asr": r.val_asr}))
     pruned = gradient_prune(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], t["val_y"],
                             cfg.prune, job.target, cfg.batch_size, on_round, job.procs, train_clean=t["train"])
@@ -33,7 +39,7 @@ def defend(job, cfg, emit) -> Defence:
     if cfg.measure_floor:
         checked = ((t["val"], t["trig_val"]) if cfg.prune.check_on == "val" else
                    (torch.cat([t["val"], t["train"]]), torch.cat([t["trig_val"], t["trig_train"]])))
-        timing["round_floor"] = round_floor(model, pruner.convs, t["trig_train"], t["train_y"], *checked, cfg.batch_size)
+        timing["round_floor"] = round_floor(model, pruner, t["trig_train"], t["train_y"], *checked, cfg.batch_size)
     start = time.perf_counter()
     emit(ProgressEvent("finetune", total=cfg.tune.max_epochs, message="fine-tuning on clean + triggered images"))
     make_optimizer = None
@@ -49,28 +55,38 @@ def defend(job, cfg, emit) -> Defence:
                      soft_targets=None if clean_outputs is None else torch.cat([clean_outputs, clean_outputs]))
     timing["finetune"] = time.perf_counter() - start
     layers = len({p["layer"] for p in pruned.pruned})
+    kept_kinds = {}
+    for p in pruned.pruned:
+        kept_kinds[p["kind"]] = kept_kinds.get(p["kind"], 0) + 1
     where = "validation split" if cfg.prune.check_on == "val" else "clean few-shot images (train + validation)"
-    skipped = (f" {pruned.skipped} filters whose removal broke the bound were restored and never tried again."
+    skipped = (f" {pruned.skipped} units whose removal broke the bound were restored and never tried again."
                if pruned.skipped else "")
     kept = {"loss": "lowest clean validation loss",
             "unlearning_within_alpha": "lowest clean + unlearning validation loss within alpha",
             "unlearning": "lowest clean + unlearning validation loss",
             "latest_within_alpha": "latest epoch within alpha"}[cfg.tune.select]
     if cfg.prune.max_rounds == 0:
-        pruning = (f"No filter pruned (the {cfg.recipe} recipe does not prune at 5 or more training images per class: "
+        pruning = (f"No unit pruned (the {cfg.recipe} recipe does not prune at 5 or more training images per class: "
                    f"after its fine-tuning, pruning was measured to cost clean accuracy and to remove no more of the "
                    f"backdoor; `--max-rounds N` prunes).")
     else:
-        pruning = (f"{len(pruned.pruned)} filters in {layers} conv layers (of {pruner.num_filters} filters), chosen one "
-                   f"per round by {score_desc(cfg.prune)}; pruning stopped after {len(pruned.rounds)} rounds "
+        pruning = (f"{describe_units(kept_kinds) or 'no unit'} in {layers} layers pruned (of "
+                   f"{describe_units(pruner.counts())}), chosen one per round by {score_desc(cfg.prune)}; pruning stopped after {len(pruned.rounds)} rounds "
                    f"({pruned.stop_reason}) and kept the round with the lowest unlearning loss within alpha = "
                    f"{cfg.prune.alpha}, both measured on the {where}.{skipped}")
     summary = (f"Recipe {cfg.recipe}. {pruning} Fine-tuning on clean + triggered images (lr {cfg.tune.lr:g}, "
                f"{cfg.tune.schedule}; {targets(cfg.tune)}) ran {tuned.epochs} epochs and kept epoch "
                f"{tuned.best_epoch} ({kept}).")
-    return Defence(pruned.pruned, pruner.num_filters, summary, pruned.to_dict(), tuned, timing,
+    return Defence(pruned.pruned, pruner.num_units, summary, pruned.to_dict(), tuned, timing,
                    lambda path: plot_rounds(pruned, cfg.prune.alpha, path) if pruned.rounds else
                    plot_finetune(tuned, path))
+
+
+def describe_units(counts: dict[str, int]) -> str:
+    """{"filter": 3, "head": 1} -> "3 conv filters and 1 attention head"."""
+    names = {"filter": "conv filter", "neuron": "MLP neuron", "head": "attention head"}
+    parts = [f"{n} {names.get(k, k)}{'s' if n != 1 else ''}" for k, n in counts.items() if n]
+    return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 2 else parts)
 
 
 def plot_finetune(tuned, path):

@@ -18,8 +18,10 @@ from .ft import tune_clean
 
 
 def attention(features: torch.Tensor, p: float) -> torch.Tensor:
-    """Spatial attention map: channel mean of |f|^p, flattened and L2-normalised per image."""
-    return F.normalize(features.abs().pow(p).mean(1).flatten(1), dim=1)
+    """Spatial attention map: channel mean of |f|^p, flattened and L2-normalised per image. Feature maps are
+    (N, C, H, W); a transformer's hidden states (N, tokens, C) give one value per token."""
+    channel_dim = 1 if features.dim() == 4 else -1
+    return F.normalize(features.abs().pow(p).mean(channel_dim).flatten(1), dim=1)
 
 
 def defend(job, cfg, emit) -> Defence:

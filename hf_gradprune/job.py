@@ -1,0 +1,118 @@
+"""The job's records, below the pipeline and the defences that both read them: what was asked (JobConfig and the
+baselines' settings), what a defence gets (Prepared), what the caller gets back (JobResult)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import FewShot, train_per_class
+from .finetune import TuneConfig
+from .hub import LoadedModel
+from .names import public_name
+from .parallel import Procs
+from .prune import PruneConfig
+from .recipes import DEFAULT_RECIPE, recipe_configs
+from .triggers import TriggerSpec
+
+
+def _baseline_tune() -> TuneConfig:
+    # BackdoorBench's fine-tuning defences: SGD lr 0.01 cosine over 100 epochs, momentum 0.9, wd 5e-4, training
+    # augmentation. Here they keep the latest epoch whose clean validation accuracy is within alpha of the start and
+    # stop early only after Pt epochs in a row outside it
+    return TuneConfig(lr=0.01, schedule="cosine", augment="crop-flip", select="latest_within_alpha")
+
+
+@dataclass
+class BaselineConfig:
+    tune: TuneConfig = field(default_factory=_baseline_tune)  # FT, FP, NAD (student and teacher), FT-SAM
+    fp_step: float = 0.01  # share of the classifier's input channels pruned per step
+    nad_teacher_epochs: int = 10
+    nad_betas: tuple[float, ...] = (500.0, 1000.0, 1000.0)  # attention loss weights for the last stages, in order
+    nad_power: float = 2.0
+    clp_u: float = 3.0  # prune channels above mean + u * std of their layer
+    sam_rho: float = 2.0  # FT-SAM's CIFAR-10 setting (GTSRB: 8.0)
+    sam_adaptive: bool = True
+    sam_label_smoothing: float = 0.1  # FT-SAM's CIFAR-10 setting (GTSRB: 0.0)
+    anp_eps: float = 0.4
+    anp_steps: int = 1
+    anp_alpha: float = 0.2  # weight of the clean loss against the perturbed loss
+    anp_iters: int = 2000
+    anp_mask_lr: float = 0.2
+    anp_batch_size: int = 128
+    anp_max_threshold: float = 0.90
+    anp_threshold_step: float = 0.05
+
+
+@dataclass
+class JobConfig:
+    model: str
+    data: str
+    output: str | None = None  # default ./<model-name>-gradprune
+    revision: str | None = None
+    data_revision: str | None = None
+    split: str = "train"  # few-shot pool
+    eval_split: str | None = None  # None: "test" if the dataset has it, else the pool minus the few-shot draw
+    image_column: str | None = None
+    label_column: str | None = None
+    spc: int = 10  # images per class, train + val
+    val_ratio: float = 0.1
+    seed: int = 0
+    eval_limit: int | None = None
+    trigger: TriggerSpec = field(default_factory=TriggerSpec)
+    backdoor_data: str | None = None  # the defender's own triggered copies, row-aligned with --data
+    target: str = "auto"
+    method: str = "gradprune"  # or a baseline: ft, fp, nad, clp, ftsam, anp (see methods/)
+    recipe: str = DEFAULT_RECIPE  # Grad-Prune's recipe (recipes.py): "robust" (default) or "paper"
+    prune: PruneConfig | None = None  # Grad-Prune (default: the recipe's); alpha also bounds FP's and ANP's sweeps
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    tune: TuneConfig | None = None  # Grad-Prune's fine-tuning (default: the recipe's)
+    batch_size: int = 256
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    device: str | None = None  # default: accelerate's choice (GPU when there is one); one process only
+    mixed_precision: str | None = None  # "no" | "fp16" | "bf16" for fine-tuning; default: accelerate's config
+    repo_id: str | None = None  # where the card says the model lives, when it is pushed
+    command: str | None = None  # the command as published in the card: token removed, paths by name (cli.py)
+    source_id: str | None = None  # the Hub repo a local MODEL folder lives at (--source-id): the card's base_model
+    data_id: str | None = None  # the Hub repo a local --data folder lives at (--data-id): the card's datasets
+    measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
+
+    def __post_init__(self):
+        prune, tune = recipe_configs(self.recipe, train_per_class(self.spc, self.val_ratio))
+        self.prune = self.prune or prune
+        self.tune = self.tune or tune
+
+    @property
+    def model_shown(self) -> str:
+        """What the card, report and progress call the model: its Hub id or ./<folder name> (names.py)."""
+        return public_name(self.model, self.source_id)
+
+    @property
+    def data_shown(self) -> str:
+        return public_name(self.data, self.data_id)
+
+
+@dataclass
+class JobResult:
+    output_dir: Path
+    report: dict
+    is_main: bool = True  # False on the other processes of an `accelerate launch` job: they print and push nothing
+    samples: dict[str, np.ndarray] | None = None  # uint8 (K, 3, H, W) "clean" / "triggered" pixels of report["preview"]
+
+
+@dataclass
+class Prepared:
+    """A job's model and data on the device, ready for the defence: every tensor made once, before the loop."""
+    loaded: LoadedModel
+    data: FewShot
+    meta: dict
+    tensors: dict[str, torch.Tensor]  # train/val/test pixels (uint8), their triggered twins, labels
+    target: int
+    target_auto: bool
+    trigger: str
+    procs: Procs = field(default_factory=Procs)  # this process's share of an `accelerate launch` job
