@@ -111,13 +111,22 @@ def test_a_residual_stream_channel_is_never_a_unit():
         assert stream not in layers and not any(name.endswith(("fc2", "proj")) for name in layers)
 
 
-E2E = {  # a tiny digits model of each family with a real BadNets backdoor, defended through the CLI
+SMALL_SWIN = dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))
+E2E = {  # a tiny digits model of each family with a real BadNets backdoor, defended through the CLI (kinds: ARCHS)
     "timm-vit": dict(arch="vit_tiny_patch16_224", model_args=TINY_VIT, epochs=20),
+    "timm-deit-distilled": dict(arch="deit_tiny_distilled_patch16_224", model_args=TINY_VIT, epochs=20),
+    "timm-swin": dict(arch="swin_tiny_patch4_window7_224", model_args=SMALL_SWIN, epochs=15),
     "timm-convnext": dict(arch="convnext_atto", model_args=dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)), epochs=10),
+    "timm-mobilenetv3": dict(arch="mobilenetv3_small_050", model_args={}, epochs=15),
+    "timm-resnetv2": dict(arch="resnetv2_18", model_args=dict(channels=(16, 32, 64, 128), stem_chs=16), epochs=10),
     "hf-vit": dict(library="transformers", config=transformers.ViTConfig(
         image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96),
         epochs=20),
-}
+    "hf-swin": dict(library="transformers", config=transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4), epochs=15),
+    "hf-convnext": dict(library="transformers", config=transformers.ConvNextConfig(
+        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_stages=4), epochs=10),
+}  # transformers ResNet: tests/test_main_job.py
 
 
 @pytest.fixture(scope="module", params=list(E2E))
@@ -126,20 +135,20 @@ def defended(request, tmp_path_factory):
     built = build_backdoored_digits(folder, **{"library": "timm", **E2E[request.param]})
     out = folder / "sanitised"
     assert run_cli(built["model"], "--data", built["data"], "--output", out, "--quiet", *PRUNING) == 0
-    return built, out, read_report(out)
+    return built, out, read_report(out), ARCHS[request.param][1]
 
 
 def test_backdoor_removed_by_pruning_units_of_the_architecture(defended):
-    built, out, report = defended
+    built, out, report, kinds = defended
     before, after = report["before"], report["after"]
     assert before["asr"] > 0.9 and after["asr"] < 0.1
     assert before["acc"] - after["acc"] <= 0.10
     tried = {r["kind"] for r in report["prune"]["rounds"]}  # pruning worked on the architecture's own units
-    assert tried and tried <= {"neuron", "head"} and {p["kind"] for p in report["pruned"]} <= tried
+    assert tried and tried <= kinds and {p["kind"] for p in report["pruned"]} <= tried
 
 
 def test_output_reloads_with_the_same_config_and_keys_and_pruned_units_stay_silent(defended):
-    built, out, report = defended
+    built, out, report, _ = defended
     assert json.loads((out / "config.json").read_text()) == json.loads((built["model"] / "config.json").read_text())
     source, saved = load_file(built["model"] / "model.safetensors"), load_file(out / "model.safetensors")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in source.items()}
@@ -160,15 +169,17 @@ def test_output_reloads_with_the_same_config_and_keys_and_pruned_units_stay_sile
 
 
 def test_card_names_the_unit_kinds(defended):
-    built, out, report = defended
+    built, out, report, _ = defended
     card = (out / "README.md").read_text()
     for unit in report["pruned"]:  # the table's row of the unit's layer names its kind
         assert f"| `{unit['layer']}` | {KINDS[unit['kind']]} |" in card
 
 
+@pytest.mark.parametrize("defended", ["timm-vit", "timm-convnext", "hf-swin"], indirect=True)
 @pytest.mark.parametrize("method", ["clp", "anp"])
 def test_batch_norm_methods_refuse_a_model_without_one(defended, method, tmp_path, capsys):
-    built, _, _ = defended
+    built, _, _, kinds = defended
+    assert "filter" not in kinds
     out = tmp_path / "out"
     code = run_cli(built["model"], "--data", built["data"], "--output", out, "--quiet", "--method", method)
     assert_one_line_error(capsys, out, f"--method {method} works on", "methods for this model: gradprune, ft, fp",
