@@ -76,13 +76,13 @@ TIERS = {
                 baseline={"cifar10": {"anp_iters": 500}, "gtsrb": {**GTSRB_BASELINE, "anp_iters": 500}}),
     # beyond conv filters: a small ViT (patch 4, 65 tokens, 4 blocks of 3 heads and 192 MLP neurons) and a narrow
     # ConvNeXt, 8 epochs at lr 0.05 (71 and 48 s an epoch on 2 cores); CLP and ANP refuse them (no conv feeds a batch
-    # norm). The baselines run on seed 0 (`--seeds 1 2` adds the others)
+    # norm). The baselines run on seed 0 (`--seeds 1 2` adds the others); ACC / ASR on the first 2000 test images
     "cpu-vit": Tier(["cifar10"], attacks=("badnet", "blended"), spcs=(10,), seeds=(0, 1, 2),
                     recipes={"cifar10": Recipe(arch="vit_tiny_patch16_224", model_args=VIT_ARGS, epochs=8, lr=0.05)},
-                    methods=ARCH_METHODS, baseline_seeds={10: (0,)}),
+                    methods=ARCH_METHODS, baseline_seeds={10: (0,)}, eval_limit=2000),
     "cpu-convnext": Tier(["cifar10"], attacks=("badnet", "blended"), spcs=(10,), seeds=(0, 1, 2),
                          recipes={"cifar10": Recipe(arch="convnext_atto", model_args=CONVNEXT_ARGS, epochs=8, lr=0.05)},
-                         methods=ARCH_METHODS, baseline_seeds={10: (0,)}),
+                         methods=ARCH_METHODS, baseline_seeds={10: (0,)}, eval_limit=2000),
     # lr 0.05, not BackdoorBench's 0.01: with 12 epochs instead of 100, lr 0.01 cosine gave a CIFAR-10 BadNets model
     # of 63.8 % ACC that had not learned the backdoor at all (ASR 8.6 %), nothing to defend against
     # BackdoorBench's CIFAR PreActResNet-18 has a 3x3 stride-1 stem; the Hub-loadable pre-activation ResNet-18 is timm's
