@@ -6,10 +6,10 @@ and leaves every slice of the unit with exactly zero gradient, so fine-tuning ca
 
 Where the units are is not read from per-architecture tables: one traced forward gives the order in which the
 Linear / conv layers run, a hypothesis pairs each producer with the next layer that reads its width (an attention
-module's `num_heads` gives the head layout), and one backward pass checks the hypothesis exactly: with the consumer
-columns of every other unit at zero, the producer rows of those units must get exactly zero gradient and the others
-not. A hypothesis that fails (a residual write, a norm over the hidden channels, a GLU in another layout) is not a
-unit. Torch-Pruning's DependencyGraph was evaluated as the oracle and not kept: it maps a GluMlp's 2H fc1 rows onto
+module's `num_heads` gives the head layout), and three backward passes check the hypothesis exactly (`_holds`): with
+the consumer side of every other unit at zero their producer slices get exactly zero gradient, with their producer
+side at zero their consumer slices do, and with nothing zeroed both sides get some. A hypothesis that fails (a
+residual write, a norm over the hidden channels, a 0.5 gate, a GLU in another layout) is not a unit. Torch-Pruning's DependencyGraph was evaluated as the oracle and not kept: it maps a GluMlp's 2H fc1 rows onto
 H fc2 columns as if they were 2H, and a fused qkv's query / key rows onto no projection column.
 """
 
