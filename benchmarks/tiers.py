@@ -75,7 +75,7 @@ TIERS = {
                 baseline_seeds={100: (0,)},
                 baseline={"cifar10": {"anp_iters": 500}, "gtsrb": {**GTSRB_BASELINE, "anp_iters": 500}}),
     # beyond conv filters: a small ViT (patch 4, 65 tokens, 4 blocks of 3 heads and 192 MLP neurons) and a narrow
-    # ConvNeXt, 8 epochs at lr 0.05 (71 and 48 s an epoch on 2 cores); CLP and ANP refuse them (no conv feeds a batch
+    # ConvNeXt, 8 epochs at lr 0.05 (71 and 58 s an epoch on 2 cores); CLP and ANP refuse them (no conv feeds a batch
     # norm). The baselines run on seed 0 (`--seeds 1 2` adds the others); ACC / ASR on the first 2000 test images
     "cpu-vit": Tier(["cifar10"], attacks=("badnet", "blended"), spcs=(10,), seeds=(0, 1, 2),
                     recipes={"cifar10": Recipe(arch="vit_tiny_patch16_224", model_args=VIT_ARGS, epochs=8, lr=0.05)},
@@ -102,7 +102,7 @@ def row_path(results: Path, dataset: str, attack: str, spc: int, seed: int, meth
 
 
 def baseline_config(t: Tier, dataset: str):
-    from hf_gradprune.methods import BaselineConfig
+    from hf_gradprune.job import BaselineConfig
     overrides = dict(t.baseline.get(dataset, {}))
     cfg = BaselineConfig()
     tune_keys = {k: overrides.pop(k) for k in list(overrides) if k in ("augment",)}

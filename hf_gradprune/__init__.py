@@ -1,10 +1,11 @@
-"""hf-gradprune: remove backdoors from Hub vision models by gradient-based filter pruning + fine-tuning."""
+"""hf-gradprune: remove backdoors from Hub vision models by gradient-based pruning (conv filters, MLP neurons, attention heads) + fine-tuning."""
 
 __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402
 from .finetune import TuneConfig  # noqa: E402
-from .methods import METHODS, BaselineConfig  # noqa: E402
+from .job import BaselineConfig  # noqa: E402
+from .methods import METHODS  # noqa: E402
 from .prune import PruneConfig  # noqa: E402
 from .triggers import TriggerSpec  # noqa: E402
 

@@ -18,11 +18,13 @@ from . import __version__
 from .data import train_per_class
 from .errors import UserError
 from .finetune import AUGMENTATIONS, TuneConfig
-from .methods import METHODS, BaselineConfig
+from .job import BaselineConfig
+from .methods import METHODS
 from .names import check_hub_id, file_name, local_name, model_name, public_name
 from .prune import NORMALISATIONS, SCORES, PruneConfig
 from .recipes import DEFAULT_RECIPE, RECIPES, recipe_configs
 from .triggers import TRIGGER_KINDS, TriggerSpec
+from .units import count_kinds
 
 if TYPE_CHECKING:
     from .pipeline import JobConfig
@@ -216,10 +218,7 @@ class TqdmProgress:
 
 def _units(changed: list[dict]) -> str:
     """[{"kind": "head", ...}, {"kind": "neuron", ...}] -> "2 units (1 head, 1 neuron)"."""
-    kinds: dict[str, int] = {}
-    for unit in changed:
-        kinds[unit["kind"]] = kinds.get(unit["kind"], 0) + 1
-    detail = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    detail = ", ".join(f"{n} {k}" for k, n in count_kinds(changed).items())
     return f"{len(changed)} unit{'s' if len(changed) != 1 else ''}" + (f" ({detail})" if detail else "")
 
 

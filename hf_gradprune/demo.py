@@ -140,12 +140,6 @@ def timm_classifier(arch: str, label_names: list[str], size: int = 32, mean=MEAN
     return Classifier(net, "timm", 1 / 255, mean, std)
 
 
-def timm_resnet18(channels=(16, 32, 64, 128), label_names: list[str] = DIGIT_NAMES, size: int = 32,
-                  mean=MEAN, std=STD, seed: int = 0) -> Classifier:
-    """A narrow timm ResNet-18."""
-    return timm_classifier("resnet18", label_names, size, mean, std, seed, **resnet_args(channels))
-
-
 def resnet_args(channels) -> dict:
     return {"channels": list(channels), "stem_width": channels[0]}
 

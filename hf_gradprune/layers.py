@@ -73,8 +73,9 @@ def stage_outputs(loaded: LoadedModel, count: int) -> Callable[[torch.Tensor], t
     def forward(x):
         feats: list[torch.Tensor] = []
         channels_last = getattr(net, "output_fmt", "NCHW") == "NHWC"  # timm Swin's stages are (N, H, W, C)
-        handles = [modules[n].register_forward_hook(
-            lambda m, i, o: feats.append(o.permute(0, 3, 1, 2) if channels_last and o.dim() == 4 else o)) for n in names]
+        def keep(mod, inp, out):
+            feats.append(out.permute(0, 3, 1, 2) if channels_last and out.dim() == 4 else out)
+        handles = [modules[n].register_forward_hook(keep) for n in names]
         try:
             logits = model(x)
         finally:
@@ -84,10 +85,15 @@ def stage_outputs(loaded: LoadedModel, count: int) -> Callable[[torch.Tensor], t
     return forward
 
 
+def needs_batch_norms(loaded: LoadedModel, method: str, what: str) -> UserError:
+    """The one-line refusal of a method that works on batch-norm channels, naming the methods that do not need them."""
+    return UserError(f"MODEL {loaded.source}: {what}, which --method {method} works on; "
+                     "methods for this model: gradprune, ft, fp, nad, ftsam")
+
+
 def batch_norms(loaded: LoadedModel, method: str) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     norms = [(n, m) for n, m in loaded.net.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
     if not norms:
-        raise UserError(f"MODEL {loaded.source}: has no affine BatchNorm layers, which --method {method} works on; "
-                        "methods for this model: gradprune, ft, fp, nad, ftsam")
+        raise needs_batch_norms(loaded, method, "has no affine BatchNorm layers")
     return norms

@@ -2,8 +2,8 @@
 
 Each round: the unlearning loss (cross-entropy of the TRIGGERED training images against their TRUE labels)
 is back-propagated, every unit (a conv filter, an MLP neuron, an attention head) gets the mean |dL/dW| over the
-weights that write it, and the single highest-scoring unit is pruned. Pruning only ever zeroes parameters, so the best round is rebuilt by
-undoing the later rounds from the saved slices: no model copies in the loop.
+weights that write it, and the single highest-scoring unit is pruned. Pruning only ever zeroes parameters, so the
+best round is rebuilt by undoing the later rounds from the saved slices: no model copies in the loop.
 
 Where the accuracy bound and the kept round are measured, and what a round past the bound does, are the two
 choices the recipes (`recipes.py`) differ in: the paper measures on the validation split and stops at the first
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .parallel import SINGLE, Procs
-from .units import Family, Part, Unit, UnitPruner, unit_rows
+from .units import Family, Part, Unit, UnitPruner, grads_only_for, unit_rows
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -152,78 +152,49 @@ class FilterPruner(UnitPruner):
         return self.num_units
 
 
+def unlearning_grads(model: nn.Module, weights: list[torch.Tensor], triggered: torch.Tensor, labels: torch.Tensor,
+                     batch_size: int, procs: Procs = SINGLE) -> list[torch.Tensor]:
+    """d unlearning_loss / dW for each of `weights`, the loss summed over the whole training split: each process
+    back-propagates its chunks, the gradients are summed across processes. Eval mode (no BN updates); only
+    `weights` take gradients."""
+    model.eval()
+    with grads_only_for(model, weights):
+        for _, start, end in procs.chunks(len(labels), batch_size):
+            F.cross_entropy(model(triggered[start:end]), labels[start:end], reduction="sum").backward()
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
+    if procs.world > 1:
+        flat = procs.all_sum(torch.cat([g.flatten() for g in grads]))
+        grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+    return grads
+
+
+def _normalised(scores: torch.Tensor, normalise: str) -> torch.Tensor:
+    """normalise "layer": a layer's scores over their mean, so no layer wins by the scale of its gradients alone."""
+    return scores / scores.mean().clamp_min(torch.finfo(scores.dtype).tiny) if normalise == "layer" else scores
+
+
 def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggered: torch.Tensor,
                   labels: torch.Tensor, batch_size: int, score: str = "grad", normalise: str = "none",
                   procs: Procs = SINGLE) -> torch.Tensor:
     """Paper Eq. 3: mean |d unlearning_loss / d W_l[i]| over each filter's weights, all layers concatenated.
-
-    The loss is summed over the whole training split (each process back-propagates its chunks; the gradients are
-    summed across processes before scoring); the model stays in eval mode (no BN updates) and only conv weights
-    take gradients. `score` and `normalise` select the opt-in variants of PruneConfig."""
-    conv_weights = {id(c.weight) for _, c in convs}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(id(p) in conv_weights)
-    model.eval()
-    for _, c in convs:
-        c.weight.grad = None
-    try:
-        for _, start, end in procs.chunks(len(labels), batch_size):
-            F.cross_entropy(model(triggered[start:end]), labels[start:end], reduction="sum").backward()
-        grads = [c.weight.grad if c.weight.grad is not None else torch.zeros_like(c.weight) for _, c in convs]
-        if procs.world > 1:
-            flat = procs.all_sum(torch.cat([g.flatten() for g in grads]))
-            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        per_layer = []
-        for (_, c), grad in zip(convs, grads):
-            g = grad * c.weight.detach() if score == "grad_x_weight" else grad
-            s = g.abs().flatten(1).mean(1)
-            if normalise == "layer":
-                s = s / s.mean().clamp_min(torch.finfo(s.dtype).tiny)
-            per_layer.append(s)
-        return torch.cat(per_layer)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for _, c in convs:
-            c.weight.grad = None
+    `score` and `normalise` select the opt-in variants of PruneConfig."""
+    grads = unlearning_grads(model, [c.weight for _, c in convs], triggered, labels, batch_size, procs)
+    per_layer = []
+    for (_, c), grad in zip(convs, grads):
+        g = grad * c.weight.detach() if score == "grad_x_weight" else grad
+        per_layer.append(_normalised(g.abs().flatten(1).mean(1), normalise))
+    return torch.cat(per_layer)
 
 
 def unit_scores(model: nn.Module, pruner: UnitPruner, triggered: torch.Tensor, labels: torch.Tensor, batch_size: int,
                 score: str = "grad", normalise: str = "none", procs: Procs = SINGLE) -> torch.Tensor:
     """Paper Eq. 3 for every unit kind: mean |d unlearning_loss / dW| over the unit's producer weights (a conv
-    filter, an MLP neuron's producer row, a head's query / key / value rows), all families concatenated.
-
-    As `filter_scores`: the loss summed over the training split, each process its chunks, gradients summed across
-    processes; eval mode, only the scored weights take gradients. On a CNN it gives filter_scores' numbers."""
+    filter, an MLP neuron's producer row, a head's query / key / value rows), all families concatenated. On a CNN
+    it gives filter_scores' numbers."""
     weights = pruner.scored_params()
-    wanted = {id(w) for w in weights}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(id(p) in wanted)
-    model.eval()
-    for w in weights:
-        w.grad = None
-    try:
-        for _, start, end in procs.chunks(len(labels), batch_size):
-            F.cross_entropy(model(triggered[start:end]), labels[start:end], reduction="sum").backward()
-        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
-        if procs.world > 1:
-            flat = procs.all_sum(torch.cat([g.flatten() for g in grads]))
-            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        by_id = {id(w): g for w, g in zip(weights, grads)}
-        per_family = []
-        for fam in pruner.families:
-            s = fam.scores(by_id, score)
-            if normalise == "layer":
-                s = s / s.mean().clamp_min(torch.finfo(s.dtype).tiny)
-            per_family.append(s)
-        return torch.cat(per_family)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for w in weights:
-            w.grad = None
+    grads = unlearning_grads(model, weights, triggered, labels, batch_size, procs)
+    by_id = {id(w): g for w, g in zip(weights, grads)}
+    return torch.cat([_normalised(fam.scores(by_id, score), normalise) for fam in pruner.families])
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,17 @@ Linear / conv layers run, a hypothesis pairs each producer with the next layer t
 module's `num_heads` gives the head layout), and three backward passes check the hypothesis exactly (`_holds`): with
 the consumer side of every other unit at zero their producer slices get exactly zero gradient, with their producer
 side at zero their consumer slices do, and with nothing zeroed both sides get some. A hypothesis that fails (a
-residual write, a norm over the hidden channels, a 0.5 gate, a GLU in another layout) is not a unit. Torch-Pruning's DependencyGraph was evaluated as the oracle and not kept: it maps a GluMlp's 2H fc1 rows onto
-H fc2 columns as if they were 2H, and a fused qkv's query / key rows onto no projection column.
+residual write, a norm over the hidden channels, a 0.5 gate, a GLU in another layout) is not a unit.
+Torch-Pruning's DependencyGraph was evaluated as the oracle and not kept: it maps a GluMlp's 2H fc1 rows onto H fc2
+columns as if they were 2H, and a fused qkv's query / key rows onto no projection column.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -37,6 +41,30 @@ class Unit:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "layer": self.layer, "index": self.index, "score": self.score}
+
+
+def count_kinds(units: Iterable[dict]) -> dict[str, int]:
+    """How many units of each kind, in the order the kinds first appear ({"neuron": 3, "head": 1})."""
+    return dict(Counter(u["kind"] for u in units))
+
+
+@contextlib.contextmanager
+def grads_only_for(model: nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """Inside, only `params` take gradients, starting from none; afterwards every parameter's requires_grad is as
+    it was and `params` hold no gradient."""
+    wanted = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in wanted)
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p in params:
+            p.grad = None
 
 
 @dataclass
@@ -213,26 +241,21 @@ def _grads_zero(model: nn.Module, count: int, zeroed: list[Part], watched: list[
     whether the `watched` slices of the chosen units got exactly zero gradient, part by part (None: some watched
     part got no gradient at all, or, with nothing zeroed, some part got none while another did)."""
     saved = [(p, p.param.detach().clone()) for p in zeroed]
-    flags = [(q, q.requires_grad) for q in model.parameters()]
     try:
         with torch.no_grad():
             for p in zeroed:
                 p.param.index_fill_(p.dim, p.index[chosen].flatten().to(p.param.device), 0)
-        for q, _ in flags:
-            q.requires_grad_(False)
-            q.grad = None
-        for p in watched:
-            p.param.requires_grad_(True)
-        model.eval()
-        out = model(example)
-        gen = torch.Generator().manual_seed(0)
-        (out * torch.randn(out.shape, generator=gen).to(out)).sum().backward()
-        zero = []
-        for p in watched:
-            if p.param.grad is None:
-                return None
-            g = p.param.grad.movedim(p.dim, 0)[p.index.flatten().to(p.param.device)].reshape(count, -1)
-            zero.append(bool((g[chosen] == 0).all()))
+        with grads_only_for(model, [p.param for p in watched]):
+            model.eval()
+            out = model(example)
+            gen = torch.Generator().manual_seed(0)
+            (out * torch.randn(out.shape, generator=gen).to(out)).sum().backward()
+            zero = []
+            for p in watched:
+                if p.param.grad is None:
+                    return None
+                g = p.param.grad.movedim(p.dim, 0)[p.index.flatten().to(p.param.device)].reshape(count, -1)
+                zero.append(bool((g[chosen] == 0).all()))
         if not zeroed:  # the reach check: every watched part must get some gradient
             return False if not any(zero) else (True if all(zero) else None)
         return all(zero)
@@ -240,9 +263,6 @@ def _grads_zero(model: nn.Module, count: int, zeroed: list[Part], watched: list[
         with torch.no_grad():
             for p, original in saved:
                 p.param.copy_(original)
-        for q, flag in flags:
-            q.requires_grad_(flag)
-            q.grad = None
 
 
 def find_units(model: nn.Module, net: nn.Module, example: torch.Tensor, head: nn.Module | None = None) -> list[Family]:

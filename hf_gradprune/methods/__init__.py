@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..finetune import TuneResult
-from ..job import BaselineConfig, JobConfig, Prepared  # noqa: F401  (BaselineConfig: where callers find it)
+from ..job import JobConfig, Prepared
 from ..progress import ProgressCallback
 
 # name -> (title, one line on what it does, reference)

@@ -12,7 +12,7 @@ import torch
 from ..plot import plot_curve
 from ..progress import ProgressEvent
 from ..prune import FilterPruner
-from ..errors import UserError
+from ..layers import needs_batch_norms
 from ..units import Unit
 from . import Defence
 
@@ -46,8 +46,7 @@ def defend(job, cfg, emit) -> Defence:
             changed.append(Unit("filter", name, f, float(lips[f])).to_dict())
         per_layer.append((name, len(hits)))
     if not candidates:
-        raise UserError(f"MODEL {job.loaded.source}: no conv layer feeds a batch norm, which --method clp works on; "
-                        "methods for this model: gradprune, ft, fp, nad, ftsam")
+        raise needs_batch_norms(job.loaded, "clp", "no conv layer feeds a batch norm")
     timing = {"prune": time.perf_counter() - start}
     summary = (f"{len(changed)} of {candidates} conv channels that feed a batch norm had a channel Lipschitz bound above "
                f"mean + {u:g} x std of their layer and were zeroed (filter and norm), in "

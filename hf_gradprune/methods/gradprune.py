@@ -12,7 +12,7 @@ from ..plot import plot_curve, plot_rounds
 from ..progress import ProgressEvent
 from ..errors import UserError
 from ..prune import PruneRound, gradient_prune, round_floor
-from ..units import UnitPruner, find_units
+from ..units import UnitPruner, count_kinds, find_units
 from . import Defence
 
 
@@ -23,7 +23,7 @@ def defend(job, cfg, emit) -> Defence:
     pruner = UnitPruner(find_units(model, job.loaded.net, t["train"][:2]))
     if cfg.prune.max_rounds and not pruner.num_units:
         raise UserError(f"MODEL {job.loaded.source}: no prunable units found (conv filters into a batch norm, MLP "
-                        "neurons, attention heads); run without pruning (--max-rounds 0) or --method ft")
+                        "neurons, attention heads); fine-tune without pruning: --method ft")
     # what a triggered image should give: the original model's output on its CLEAN twin, taken before any change
     clean_outputs = probabilities(model, t["train"], cfg.batch_size) if cfg.tune.distill > 0 else None
     if cfg.prune.max_rounds:
@@ -55,9 +55,6 @@ def defend(job, cfg, emit) -> Defence:
                      soft_targets=None if clean_outputs is None else torch.cat([clean_outputs, clean_outputs]))
     timing["finetune"] = time.perf_counter() - start
     layers = len({p["layer"] for p in pruned.pruned})
-    kept_kinds = {}
-    for p in pruned.pruned:
-        kept_kinds[p["kind"]] = kept_kinds.get(p["kind"], 0) + 1
     where = "validation split" if cfg.prune.check_on == "val" else "clean few-shot images (train + validation)"
     skipped = (f" {pruned.skipped} units whose removal broke the bound were restored and never tried again."
                if pruned.skipped else "")
@@ -70,8 +67,9 @@ def defend(job, cfg, emit) -> Defence:
                    f"after its fine-tuning, pruning was measured to cost clean accuracy and to remove no more of the "
                    f"backdoor; `--max-rounds N` prunes).")
     else:
-        pruning = (f"{describe_units(kept_kinds) or 'no unit'} in {layers} layers pruned (of "
-                   f"{describe_units(pruner.counts())}), chosen one per round by {score_desc(cfg.prune)}; pruning stopped after {len(pruned.rounds)} rounds "
+        pruning = (f"{describe_units(count_kinds(pruned.pruned)) or 'no unit'} in {layers} layers pruned (of "
+                   f"{describe_units(pruner.counts())}), chosen one per round by {score_desc(cfg.prune)}; pruning "
+                   f"stopped after {len(pruned.rounds)} rounds "
                    f"({pruned.stop_reason}) and kept the round with the lowest unlearning loss within alpha = "
                    f"{cfg.prune.alpha}, both measured on the {where}.{skipped}")
     summary = (f"Recipe {cfg.recipe}. {pruning} Fine-tuning on clean + triggered images (lr {cfg.tune.lr:g}, "
