@@ -119,8 +119,10 @@ E2E = {  # a tiny digits model of each family with a real BadNets backdoor, defe
     "timm-convnext": dict(arch="convnext_atto", model_args=dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)), epochs=10),
     "timm-mobilenetv3": dict(arch="mobilenetv3_small_050", model_args={}, epochs=15),
     "timm-resnetv2": dict(arch="resnetv2_18", model_args=dict(channels=(16, 32, 64, 128), stem_chs=16), epochs=10),
+    # hidden 48 / 3 heads reached only 73 % ACC, and on one thread its fine-tuning then lost 13 points: too weak a
+    # model to say anything about the defence; hidden 64 / 4 heads: 77 % and +2 points on 1 and 2 threads alike
     "hf-vit": dict(library="transformers", config=transformers.ViTConfig(
-        image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96),
+        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
         epochs=20),
     "hf-swin": dict(library="transformers", config=transformers.SwinConfig(
         image_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4), epochs=15),
