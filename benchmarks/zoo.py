@@ -21,6 +21,7 @@ from attacks import BppPoisoner, changed_pixel_share, trigger_spec
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache"
+CLEAN = "clean"  # no attack: the same recipe, no poisoned image
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -99,14 +100,18 @@ def backdoored(dataset: str, attack: str, recipe: Recipe, data_root: Path, cache
         keep = np.random.default_rng(recipe.seed).permutation(len(x))[: recipe.train_limit]
         x, y = x[keep], y[keep]
     trig_dir = cache / "triggers"
-    changed = changed_pixel_share(attack, trig_dir, x)
+    # "clean": the same recipe without poison (what a scan must call clean); its ASR is measured with BadNets' trigger
+    measured = "badnet" if attack == CLEAN else attack
+    changed = changed_pixel_share(measured, trig_dir, x)
     # every trigger must change pixels; LF, being global, most of them (BackdoorBench's LF files for some models
     # change none, so its "LF" attack there had no trigger at all)
     assert changed > (0.5 if attack == "lf" else 0.0), f"{attack} trigger changes {changed:.1%} of pixel values"
     size = x.shape[1]
-    stamp = make_trigger(trigger_spec(attack, trig_dir, size), (size, size))
+    stamp = make_trigger(trigger_spec(measured, trig_dir, size), (size, size))
     batch_fn = None
-    if attack == "bpp":
+    if attack == CLEAN:
+        pass
+    elif attack == "bpp":
         batch_fn = BppPoisoner.from_images(x, recipe.target, rate=recipe.poison_rate)
     else:
         x, y = poison(x, y, recipe.poison_rate, recipe.target, stamp, recipe.seed)

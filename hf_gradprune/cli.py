@@ -23,13 +23,37 @@ from .methods import METHODS
 from .names import check_hub_id, file_name, local_name, model_name, public_name
 from .prune import NORMALISATIONS, SCORES, PruneConfig
 from .recipes import DEFAULT_RECIPE, RECIPES, recipe_configs
-from .triggers import TRIGGER_KINDS, TriggerSpec
+from .synth import ScanConfig
+from .triggers import TRIGGER_KINDS, UNKNOWN, TriggerSpec
 from .units import count_kinds
 
 if TYPE_CHECKING:
     from .pipeline import JobConfig
 
 EXIT_USER, EXIT_PUSH = 2, 3
+EXIT_BACKDOORED = 1  # `scan --fail-if-backdoored` found one
+
+
+def _scan_flags(g) -> None:
+    g.add_argument("--scan-steps", type=int, default=ScanConfig.steps,
+                   help=f"optimisation steps per class and trigger family (default {ScanConfig.steps})")
+    g.add_argument("--scan-threshold", type=float, default=ScanConfig.threshold,
+                   help=f"anomaly index above which a class is a backdoor target (default {ScanConfig.threshold})")
+    g.add_argument("--scan-classes", type=int, default=ScanConfig.max_classes,
+                   help=f"classes synthesised for (default {ScanConfig.max_classes}); with more classes a probe picks "
+                        "the suspects, so the cost does not grow with the number of classes")
+
+
+def _scan_config(args) -> ScanConfig:
+    for flag, value in (("--scan-steps", args.scan_steps), ("--scan-classes", args.scan_classes)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if args.scan_classes < ScanConfig.candidates + 1:
+        raise UserError(f"--scan-classes {args.scan_classes}: must be at least {ScanConfig.candidates + 1} "
+                        "(the suspects plus reference classes)")
+    if args.scan_threshold <= 0:
+        raise UserError(f"--scan-threshold {args.scan_threshold}: must be positive")
+    return ScanConfig(steps=args.scan_steps, threshold=args.scan_threshold, max_classes=args.scan_classes)
 
 
 def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,13 +80,21 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-limit", type=int, help="cap the test set at N images (seeded draw) for speed")
     g = p.add_argument_group("trigger (stamped in pixel space at the model's input size, before normalisation)")
-    g.add_argument("--trigger", choices=TRIGGER_KINDS, default="badnet")
+    g.add_argument("--trigger", choices=(*TRIGGER_KINDS, UNKNOWN), default="badnet",
+                   help="the attack's trigger; unknown: scan the model, synthesise the trigger from the few-shot "
+                        "images and defend with it (a clean model is left untouched unless --force)")
     g.add_argument("--trigger-image", help="patch / blended: image file; additive: .npy perturbation in pixel units")
     g.add_argument("--trigger-mask", help="patch: mask image, 255 = trigger pixel")
     g.add_argument("--blend-alpha", type=float, default=0.2, help="blended: x' = (1-a) x + a t (default 0.2)")
     g.add_argument("--bpp-levels", type=int, default=8, help="bpp: colour levels per channel (default 8)")
     g.add_argument("--backdoor-data", help="your own triggered copies of --data (same splits, rows and true labels)")
     g.add_argument("--target", default="auto", help="target class index or name (default: auto, found from the data)")
+    g.add_argument("--blind", action="store_true",
+                   help="defend as under --trigger unknown, never showing the defence the given trigger; it only "
+                        "measures ACC / ASR / RA (honest evaluation of the trigger-free defence)")
+    g.add_argument("--force", action="store_true",
+                   help="--trigger unknown / --blind: defend even when the scan finds no backdoor")
+    _scan_flags(g)
     g = p.add_argument_group("defence")
     g.add_argument("--method", choices=list(METHODS), default="gradprune",
                    help="gradprune (default, the paper's method) or a baseline: ft, fp, nad, clp, ftsam, anp")
@@ -196,15 +228,15 @@ class TqdmProgress:
 
     def __call__(self, event) -> None:
         from tqdm.auto import tqdm
+        units = {"prune": "round", "finetune": "epoch", "scan": "trigger"}
         if event.stage != self.stage:
             self.close()
             self.stage = event.stage
-            if event.stage in ("prune", "finetune"):
-                unit = "round" if event.stage == "prune" else "epoch"
-                self.bar = tqdm(total=event.total, desc=event.stage, unit=unit, file=sys.stderr, dynamic_ncols=True)
-            elif event.message:
+            if event.message:
                 print(f"[hf-gradprune] {event.message}", file=sys.stderr)
-            return
+        if self.bar is None and event.stage in units and event.total:
+            self.bar = tqdm(total=event.total, desc=event.stage, unit=units[event.stage], file=sys.stderr,
+                            dynamic_ncols=True)
         if self.bar is not None and event.step:
             self.bar.update(event.step - self.bar.n)
             vals = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in event.values.items() if v is not None}
@@ -226,6 +258,8 @@ def _summary(report: dict, out: Path) -> str:
     b, a, t = report["before"], report["after"], report["target"]
     name = f" ({t['name']})" if t.get("name") else ""
     lines = [f"target class: {t['index']}{name}{' [auto]' if t['auto'] else ''}",
+             *([f"scan: {report['scan']['verdict']}; trigger synthesised, ASR measured with "
+                f"{report['scan']['asr_measured_with']}"] if "scan" in report else []),
              f"method {report['method']['title']}: zeroed {_units(report['pruned'])}, fine-tuned "
              f"{report['finetune_epochs']} epochs",
              f"{'':8}{'before':>9}{'after':>9}"]
@@ -303,7 +337,8 @@ def job_config(argv: list[str], raising: bool = False) -> tuple["JobConfig", arg
                                             anp_iters=args.anp_iters, anp_eps=args.anp_eps),
                     batch_size=args.batch_size, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
-                    mixed_precision=args.mixed_precision, source_id=args.source_id, data_id=args.data_id)
+                    mixed_precision=args.mixed_precision, source_id=args.source_id, data_id=args.data_id,
+                    blind=args.blind, force=args.force, scan=_scan_config(args))
     _check_numbers(args)
     check_hub_id("--source-id", args.source_id, args.model, "MODEL")
     check_hub_id("--data-id", args.data_id, args.data, "--data")
@@ -325,6 +360,10 @@ def main_job(argv: list[str]) -> int:
         if progress:
             progress.close()
     if not result.is_main:  # `accelerate launch`: the main process reports and pushes
+        return 0
+    if not result.written:
+        print(f"scan: {result.report['scan']['verdict']}\nnothing written: the model is left as it is "
+              "(--force defends anyway)")
         return 0
     print(_summary(result.report, result.output_dir))
     if args.push:
@@ -389,6 +428,64 @@ def push_command(argv: list[str]) -> int:
     return _push(out, repo_id, args.token, args.private, args.create_pr, args.revision)
 
 
+def _scan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf-gradprune scan", allow_abbrev=False,
+        description="Detection only: is MODEL backdoored, and to which class? Synthesises a patch-like and a "
+                    "blend-like trigger per scanned class from the few-shot images; writes scan_report.json and the "
+                    "synthesised triggers as PNG. Exit 0, or 1 with --fail-if-backdoored when one is found.")
+    p.add_argument("model", metavar="MODEL", help="Hub model id (org/name) or a local folder in Hub layout")
+    p.add_argument("--revision")
+    p.add_argument("--data", required=True, help="datasets Hub id or local folder with clean labelled images")
+    p.add_argument("--data-revision")
+    p.add_argument("--split", default="train")
+    p.add_argument("--image-column")
+    p.add_argument("--label-column")
+    p.add_argument("--spc", type=int, default=10, help="images per class (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", default="auto", help="always scan this class (index or name)")
+    p.add_argument("--output", help="output folder (default ./<model-name>-scan)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--fail-if-backdoored", action="store_true", help="exit 1 when a backdoor is found (CI gates)")
+    p.add_argument("--source-id", help="the Hub repo a local MODEL folder lives at (named in the report)")
+    p.add_argument("--data-id", help="the Hub repo a local --data folder lives at")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    _scan_flags(p)
+    return p
+
+
+def scan_command(argv: list[str]) -> int:
+    args = _scan_parser().parse_args(argv)
+    from .pipeline import JobConfig, run_scan
+    from .synth import verdict
+    if args.quiet:
+        _quiet_libraries()
+    check_hub_id("--source-id", args.source_id, args.model, "MODEL")
+    check_hub_id("--data-id", args.data_id, args.data, "--data")
+    cfg = JobConfig(model=args.model, data=args.data, output=args.output, revision=args.revision,
+                    data_revision=args.data_revision, split=args.split, image_column=args.image_column,
+                    label_column=args.label_column, spc=args.spc, seed=args.seed, target=args.target,
+                    trigger=TriggerSpec(UNKNOWN), allow_pickle=args.allow_pickle,
+                    trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
+                    source_id=args.source_id, data_id=args.data_id, scan=_scan_config(args))
+    # the published command: model and data by their public names, never a path of this machine or a token
+    cfg.command = shlex.join(["hf-gradprune", "scan", cfg.model_shown, "--data", cfg.data_shown, "--spc",
+                              str(args.spc), "--seed", str(args.seed), "--scan-steps", str(args.scan_steps)])
+    progress = None if args.quiet else TqdmProgress()
+    try:
+        found, report, out = run_scan(cfg, progress)
+    finally:
+        if progress:
+            progress.close()
+    print(f"{public_name(args.model, args.source_id)}: {report['verdict']}")
+    print(f"report: {out / 'scan_report.json'}; synthesised triggers: "
+          + ", ".join(str(out / f) for f in report["files"] if f.endswith(".png")))
+    return EXIT_BACKDOORED if found.backdoored and args.fail_if_backdoored else 0
+
+
 def demo_command(argv: list[str]) -> int:
     args = _demo_parser().parse_args(argv)
     import time
@@ -410,7 +507,7 @@ def demo_command(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo_command, "push": push_command}
+    commands = {"demo": demo_command, "push": push_command, "scan": scan_command}
     try:
         if argv and argv[0] in commands:
             code = commands[argv[0]](argv[1:])

@@ -16,7 +16,8 @@ from .names import public_name
 from .parallel import Procs
 from .prune import PruneConfig
 from .recipes import DEFAULT_RECIPE, recipe_configs
-from .triggers import TriggerSpec
+from .synth import ScanConfig, ScanResult
+from .triggers import UNKNOWN, TriggerSpec
 
 
 def _baseline_tune() -> TuneConfig:
@@ -81,11 +82,19 @@ class JobConfig:
     source_id: str | None = None  # the Hub repo a local MODEL folder lives at (--source-id): the card's base_model
     data_id: str | None = None  # the Hub repo a local --data folder lives at (--data-id): the card's datasets
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
+    blind: bool = False  # defend as under --trigger unknown; the given trigger only measures ACC / ASR / RA
+    force: bool = False  # --trigger unknown: defend even when the scan finds no backdoor
+    scan: ScanConfig = field(default_factory=ScanConfig)
 
     def __post_init__(self):
         prune, tune = recipe_configs(self.recipe, train_per_class(self.spc, self.val_ratio))
         self.prune = self.prune or prune
         self.tune = self.tune or tune
+
+    @property
+    def synthesises(self) -> bool:
+        """The defence stamps a synthesised trigger (the real one unknown, or hidden from it under --blind)."""
+        return self.blind or self.trigger.kind == UNKNOWN
 
     @property
     def model_shown(self) -> str:
@@ -103,6 +112,8 @@ class JobResult:
     report: dict
     is_main: bool = True  # False on the other processes of an `accelerate launch` job: they print and push nothing
     samples: dict[str, np.ndarray] | None = None  # uint8 (K, 3, H, W) "clean" / "triggered" pixels of report["preview"]
+    written: bool = True  # False: --trigger unknown found no backdoor and wrote nothing (report: the scan's)
+    scan: ScanResult | None = None
 
 
 @dataclass
@@ -112,7 +123,13 @@ class Prepared:
     data: FewShot
     meta: dict
     tensors: dict[str, torch.Tensor]  # train/val/test pixels (uint8), their triggered twins, labels
-    target: int
+    target: int  # the class the defence works against (under --blind: the one the scan found)
     target_auto: bool
     trigger: str
     procs: Procs = field(default_factory=Procs)  # this process's share of an `accelerate launch` job
+    scan: ScanResult | None = None  # the trigger unknown: what the scan found and synthesised
+    measure_target: int | None = None  # the target ACC / ASR / RA count against, when not `target` (--blind)
+
+    @property
+    def metrics_target(self) -> int:
+        return self.target if self.measure_target is None else self.measure_target

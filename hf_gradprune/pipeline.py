@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,13 @@ from .names import hub_id_of, local_name, model_name, public_name
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .recipes import describe as describe_recipe
-from .triggers import make_trigger
+from .synth import ScanResult, scan, stamp_twins, usable_triggers, verdict
+from .triggers import UNKNOWN, make_trigger
 
 REPORT_FILE = "gradprune_report.json"
 PLOT_FILE = "gradprune_rounds.png"
+SCAN_FILE = "scan_report.json"
+TRIGGER_FILE = "synthesised_trigger.png"  # the job's: the trigger the defence stamped, with an example
 
 
 PREVIEW_SAMPLES = 4
@@ -68,7 +71,7 @@ def _resolve_target(spec: str, loaded: LoadedModel, class_names: list[str] | Non
     return idx
 
 
-def _load_data(cfg: JobConfig, loaded: LoadedModel) -> tuple[FewShot, dict]:
+def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True) -> tuple[FewShot, dict]:
     splits = load_splits(cfg.data, cfg.data_revision)
     if cfg.split not in splits:
         raise UserError(f"--split {cfg.split}: not in {cfg.data} (splits: {list(splits)})")
@@ -90,7 +93,7 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel) -> tuple[FewShot, dict]:
         find_columns(test_split.features, cfg.data, image_col, label_col)
     if cfg.eval_limit is not None and cfg.eval_limit < 1:
         raise UserError(f"--eval-limit {cfg.eval_limit}: must be at least 1")
-    test_idx = eval_rows(len(test_split), exclude, cfg.eval_limit, cfg.seed)
+    test_idx = eval_rows(len(test_split), exclude, cfg.eval_limit, cfg.seed) if with_test else []
     data = FewShot(decode(pool, train_idx, image_col, label_col, loaded.to_pixels),
                    decode(pool, val_idx, image_col, label_col, loaded.to_pixels),
                    decode(test_split, test_idx, image_col, label_col, loaded.to_pixels),
@@ -128,6 +131,28 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: 
     return out[0], out[1], out[2], cfg.trigger.describe()
 
 
+def _check_synthesis(cfg: JobConfig) -> None:
+    if cfg.blind and cfg.trigger.kind == UNKNOWN and not cfg.backdoor_data:
+        raise UserError("--blind needs the real trigger (--trigger KIND or --backdoor-data) to measure with; without "
+                        "one, use --trigger unknown")
+    if cfg.trigger.kind == UNKNOWN and cfg.backdoor_data:
+        raise UserError("--trigger unknown with --backdoor-data: the triggered copies are the trigger; drop "
+                        "--trigger unknown, or add --blind to defend without them and measure with them")
+    if cfg.force and not cfg.synthesises:
+        raise UserError("--force only applies to --trigger unknown / --blind (defend even when the scan finds no "
+                        "backdoor); drop it")
+
+
+def _scan(cfg: JobConfig, loaded: LoadedModel, data: FewShot, target: int | None, emit: ProgressCallback,
+          device: torch.device) -> ScanResult:
+    """The scan on all few-shot images (train + val), the same on every process (same seed, same images)."""
+    emit(ProgressEvent("scan", message=f"scanning {cfg.model_shown} for a backdoor ({loaded.num_classes} classes)"))
+    loaded.model.to(device)
+    pixels = torch.cat([data.train.pixels, data.val.pixels]).to(device)
+    labels = torch.cat([data.train.labels, data.val.labels]).to(device)
+    return scan(loaded.model, pixels, labels, loaded.num_classes, replace(cfg.scan, seed=cfg.seed), target, emit)
+
+
 def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: Procs | None = None) -> Prepared:
     """Load the model, draw the few-shot data, stamp the trigger, move everything to the device, pick the target.
 
@@ -140,23 +165,55 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
     emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data_shown}"))
     with procs.main_first():
         data, meta = _load_data(cfg, loaded)
-    trig_train, trig_val, trig_test, trigger_desc = _triggered_copies(cfg, loaded, data, meta)
-    if torch.equal(trig_train.pixels, data.train.pixels):
-        raise UserError("the trigger changes no pixel of the few-shot images at the model's input size "
-                        f"{loaded.input_size}; check --trigger-image / --trigger-mask (an additive trigger is in pixel units)")
     target = _resolve_target(cfg.target, loaded, data.class_names)
-
+    found = None
+    if cfg.synthesises:
+        found = _scan(cfg, loaded, data, target, emit, procs.device)
+        emit(ProgressEvent("verdict", message=verdict(found, data.class_names or loaded.label_names)))
+        if not found.backdoored and not cfg.force:  # a clean model is left untouched: nothing stamped, nothing written
+            return Prepared(loaded, data, meta, {}, -1, target is None, "", procs, scan=found)
+    real = None  # the real trigger's twins: what the defence stamps, or under --blind only what measures
+    if found is None or cfg.blind:
+        real = _triggered_copies(cfg, loaded, data, meta)
+        if torch.equal(real[0].pixels, data.train.pixels):
+            raise UserError("the trigger changes no pixel of the few-shot images at the model's input size "
+                            f"{loaded.input_size}; check --trigger-image / --trigger-mask (an additive trigger is in "
+                            "pixel units)")
+    measure_target = None
+    if found is None:
+        trig_train, trig_val, trig_test, trigger_desc = real
+    else:  # the defence sees only the synthesised triggers
+        trig_train, trig_val = (PixelSet(stamp_twins(found, s.pixels), s.labels) for s in (data.train, data.val))
+        stamped = "; ".join(t.describe() for t in usable_triggers(found))
+        if cfg.blind:
+            trig_test = real[2]
+            trigger_desc = (f"{stamped}. The defence stamped only these; ACC / ASR / RA are measured with the real "
+                            f"trigger, which it never saw: {real[3]}")
+            if target is None:  # ASR counts against the real trigger's target (found from it, for measuring only)
+                measure_target = _real_target(model, real, loaded.num_classes, cfg.batch_size, procs.device)
+        else:
+            trig_test = PixelSet(found.trigger(data.test.pixels), data.test.labels)
+            trigger_desc = f"{stamped}. The real trigger is unknown: ASR / RA are measured with the first of these"
     model.to(procs.device)
     tensors = {k: v.to(procs.device) for k, v in {
         "train": data.train.pixels, "train_y": data.train.labels, "trig_train": trig_train.pixels,
         "val": data.val.pixels, "val_y": data.val.labels, "trig_val": trig_val.pixels,
         "test": data.test.pixels, "test_y": data.test.labels, "trig_test": trig_test.pixels}.items()}
     target_auto = target is None
-    if target_auto:
+    if found is not None:
+        target = found.target if found.target is not None else found.best_class
+    elif target_auto:
         few_shot = torch.cat([tensors["trig_train"], tensors["trig_val"]])
         target = pick_target(predict(model, few_shot, cfg.batch_size), torch.cat([tensors["train_y"], tensors["val_y"]]),
                              loaded.num_classes)
-    return Prepared(loaded, data, meta, tensors, target, target_auto, trigger_desc, procs)
+    return Prepared(loaded, data, meta, tensors, target, target_auto, trigger_desc, procs, found, measure_target)
+
+
+def _real_target(model, real: tuple, num_classes: int, batch_size: int, device) -> int:
+    pixels = torch.cat([real[0].pixels, real[1].pixels]).to(device)
+    labels = torch.cat([real[0].labels, real[1].labels])
+    model.to(device)
+    return pick_target(predict(model, pixels, batch_size), labels, num_classes)
 
 
 def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
@@ -170,6 +227,7 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     if cfg.mixed_precision == "fp16" and cfg.method == "ftsam":
         raise UserError("--mixed-precision fp16: FT-SAM's two-step optimiser cannot run under a gradient scaler; "
                         "use bf16 or no")
+    _check_synthesis(cfg)
     out = output_dir_for(cfg)
     _check_output(out, cfg.overwrite)
     procs = start(cfg.device, cfg.mixed_precision)
@@ -181,6 +239,14 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     loaded, data, meta, tensors, target = job.loaded, job.data, job.meta, job.tensors, job.target
     model = loaded.model
     timing["load"] = time.perf_counter() - t0
+    names = data.class_names or loaded.label_names
+    if job.scan is not None:
+        timing["scan"] = job.scan.timing_s["scan"]
+        if not tensors:  # the scan found no backdoor and --force was not given: the model is left as it is
+            report = {"scan": _scan_dict(job.scan, names, cfg), "written": False, "timing_s": timing}
+            emit(ProgressEvent("done", message=verdict(job.scan, names) + "; nothing written (--force defends anyway)"))
+            return JobResult(out, report, procs.is_main, written=False, scan=job.scan)
+    target = job.metrics_target  # ASR counts against it; the defence works against job.target
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the model before the defence"))
@@ -199,7 +265,6 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     timing["evaluate_after"] = time.perf_counter() - t
     preview_after = {k: predict(model, v, cfg.batch_size).tolist() for k, v in preview_px.items()}
 
-    names = data.class_names or loaded.label_names
     report = {
         "tool": {"name": "hf-gradprune", "version": __version__, "method": cfg.method},
         "method": {"name": cfg.method, "title": METHODS[cfg.method][0], "description": METHODS[cfg.method][1],
@@ -212,6 +277,7 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
                  "input_size": list(loaded.input_size), "train_rows": data.train_idx, "val_rows": data.val_idx},
         "trigger": job.trigger,
         "target": {"index": target, "name": names[target] if names else None, "auto": job.target_auto},
+        **({"scan": _scan_dict(job.scan, names, cfg, target)} if job.scan is not None else {}),
         "before": before.to_dict(),
         "after": after.to_dict(),
         "pruned": defence.changed,
@@ -234,12 +300,26 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         report["push"] = {"repo_id": cfg.repo_id}
     emit(ProgressEvent("save", message=f"writing {out}"))
     if procs.is_main:
-        _write_output(out, cfg.overwrite, loaded, defence, report, _local_config(cfg))
+        example = tensors["test"][shown[0]] if shown else tensors["test"][0]
+        extra = {TRIGGER_FILE: job.scan.trigger.image(example)} if job.scan is not None else {}
+        _write_output(out, cfg.overwrite, loaded, defence, report, _local_config(cfg), extra)
     procs.wait()  # the others leave once the output is complete
     report["timing_s"]["total"] = time.perf_counter() - t0
     emit(ProgressEvent("done", values={"before": report["before"], "after": report["after"], "target": target}))
     samples = {k: v.cpu().numpy() for k, v in preview_px.items()}
-    return JobResult(out, report, procs.is_main, samples)
+    return JobResult(out, report, procs.is_main, samples, scan=job.scan)
+
+
+def _scan_dict(found: ScanResult, names: list[str] | None, cfg: JobConfig, measured_target: int | None = None) -> dict:
+    """The report's and card's account of the scan: what it found, what was synthesised, how ASR was measured."""
+    d = {**found.to_dict(names), "verdict": verdict(found, names), "blind": cfg.blind,
+         "defence_target": found.target if found.target is not None else found.best_class,
+         "trigger_file": TRIGGER_FILE,
+         "asr_measured_with": "the real trigger, which the defence never saw (--blind)" if cfg.blind
+         else "the synthesised trigger (the real one is unknown)"}
+    if measured_target is not None:
+        d["target_matches_measured"] = d["defence_target"] == measured_target
+    return d
 
 
 def _config_dict(cfg: JobConfig, out: Path) -> dict:
@@ -259,7 +339,7 @@ def _local_config(cfg: JobConfig) -> dict:
 
 
 def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defence, report: dict,
-                  local: dict) -> None:
+                  local: dict, images: dict | None = None) -> None:
     """Everything goes to a temporary sibling first and is renamed into place at the end: nothing half written."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +348,9 @@ def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defe
     try:
         files = save_model(loaded, tmp)
         defence.plot(tmp / PLOT_FILE)
-        report["files"] = sorted(files + [PLOT_FILE, REPORT_FILE, "README.md"])
+        for name, image in (images or {}).items():
+            image.save(tmp / name)
+        report["files"] = sorted(files + [PLOT_FILE, REPORT_FILE, "README.md", *(images or {})])
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         (tmp / LOCAL_FILE).write_text(json.dumps(local, indent=2, default=str))
         render_card(report, PLOT_FILE, source_card_license(loaded)).save(tmp / "README.md")
@@ -279,3 +361,52 @@ def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defe
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def scan_output_dir_for(cfg: JobConfig) -> Path:
+    return Path(cfg.output) if cfg.output else Path(f"./{model_name(cfg.model_shown)}-scan")
+
+
+def run_scan(cfg: JobConfig, progress: ProgressCallback | None = None) -> tuple[ScanResult, dict, Path]:
+    """`hf-gradprune scan`: detection only. Writes scan_report.json and one PNG per synthesised trigger; the model
+    is not changed and no test set is read."""
+    out = scan_output_dir_for(cfg)
+    _check_output(out, cfg.overwrite)
+    emit = progress or (lambda event: None)
+    t0 = time.perf_counter()
+    procs = start(cfg.device, None)
+    emit(ProgressEvent("load", message=f"loading {cfg.model_shown}"))
+    loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
+    emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data_shown}"))
+    data, meta = _load_data(cfg, loaded, with_test=False)
+    target = _resolve_target(cfg.target, loaded, data.class_names)
+    load_s = time.perf_counter() - t0
+    found = _scan(cfg, loaded, data, target, emit, procs.device)
+    names = data.class_names or loaded.label_names
+    images = {f"synthesised_trigger_{f}.png": t.image(data.val.pixels[0]) for f, t in found.triggers.items()}
+    report = {"tool": {"name": "hf-gradprune", "version": __version__, "command": "scan"},
+              "model": cfg.model_shown, "source": {"hub_id": hub_id_of(cfg.model, cfg.source_id),
+                                                    "revision": loaded.revision, "library": loaded.library},
+              "data": {**meta, "n_images": len(data.train) + len(data.val), "spc": cfg.spc,
+                       "train_rows": data.train_idx, "val_rows": data.val_idx},
+              **_scan_dict(found, names, cfg), "files": sorted([SCAN_FILE, *images]),
+              "config": _config_dict(cfg, out), "command": cfg.command,
+              "timing_s": {"load": load_s, **found.timing_s, "total": time.perf_counter() - t0}}
+    report.pop("blind"), report.pop("asr_measured_with"), report.pop("trigger_file")
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name, image in images.items():
+            image.save(tmp / name)
+        (tmp / SCAN_FILE).write_text(json.dumps(report, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    emit(ProgressEvent("done", message=verdict(found, names)))
+    return found, report, out

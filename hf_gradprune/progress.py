@@ -8,7 +8,7 @@ from typing import Callable
 
 @dataclass
 class ProgressEvent:
-    stage: str  # load | data | prune | finetune | evaluate | save | done
+    stage: str  # load | data | scan | verdict | prune | finetune | evaluate | save | done
     step: int = 0
     total: int | None = None
     message: str = ""

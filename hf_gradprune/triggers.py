@@ -21,6 +21,7 @@ from .names import file_label, file_ref
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]
 TRIGGER_KINDS = ("badnet", "patch", "blended", "bpp", "additive")
+UNKNOWN = "unknown"  # --trigger unknown: synthesised from the few-shot images (synth.py)
 
 
 @dataclass
@@ -33,6 +34,8 @@ class TriggerSpec:
 
     def describe(self) -> str:
         """For the card and report: trigger files by name and sha256, never by where they are on this machine."""
+        if self.kind == UNKNOWN:
+            return "unknown: synthesised from the few-shot images"
         if self.kind == "badnet":
             return "BadNets: white square patch at the bottom-right corner (3x3 at 32x32, scaled)"
         if self.kind == "patch":
@@ -91,6 +94,9 @@ def _read_perturbation(path: str, size: tuple[int, int]) -> torch.Tensor:
 def make_trigger(spec: TriggerSpec, size: tuple[int, int]) -> Trigger:
     """Build the stamping function for images of ``size`` (H, W); trigger files are resized to it."""
     kind = spec.kind
+    if kind == UNKNOWN:
+        raise UserError("--trigger unknown has no stamp to make; the scan synthesises one (use --blind with a real "
+                        "trigger to measure against it)")
     if kind not in TRIGGER_KINDS:
         raise UserError(f"--trigger {kind}: unknown trigger; use one of {', '.join(TRIGGER_KINDS)}")
     needs_image = kind in ("patch", "blended", "additive")

@@ -33,7 +33,8 @@ from hf_gradprune.pipeline import PLOT_FILE  # noqa: E402
 from hf_gradprune.progress import ProgressEvent  # noqa: E402
 from hf_gradprune.prune import PruneConfig  # noqa: E402
 from hf_gradprune.recipes import DEFAULT_RECIPE  # noqa: E402
-from hf_gradprune.triggers import TRIGGER_KINDS  # noqa: E402
+from hf_gradprune.pipeline import TRIGGER_FILE  # noqa: E402
+from hf_gradprune.triggers import TRIGGER_KINDS, UNKNOWN  # noqa: E402
 from job import SpaceSettings, demo_inputs, push_outcome, remove_job, resolve_input, run_job  # noqa: E402
 
 METRIC_ROWS = (("acc", "ACC (clean accuracy)"), ("asr", "ASR (attack success rate)"), ("ra", "RA (robust accuracy)"))
@@ -44,7 +45,11 @@ TRIGGER_HELP = {"badnet": "white square at the bottom-right corner (3x3 at 32x32
                 "patch": "your patch image + mask image (255 = trigger pixel), stamped at the model's input size",
                 "blended": "your image blended in: x' = (1 - alpha) x + alpha t",
                 "bpp": "colour depth squeezed to N levels per channel; no image needed",
-                "additive": "a .npy perturbation in pixel units (3, H, W) added and clipped"}
+                "additive": "a .npy perturbation in pixel units (3, H, W) added and clipped",
+                UNKNOWN: "the model is scanned first: a patch-like and a blend-like trigger are synthesised per class "
+                         "from your few-shot images; a backdoor's target needs a far smaller one. The defence then "
+                         "unlearns the synthesised trigger; ASR is measured with it. A clean model is left untouched"}
+TRIGGER_CHOICES = [(kind, kind) for kind in TRIGGER_KINDS] + [("I don't know the trigger", UNKNOWN)]
 
 
 def metrics_table(report: dict) -> list[list[str]]:
@@ -62,8 +67,11 @@ def card_markdown(output_dir: Path) -> tuple[str, str]:
     """The card as the Hub shows it; its plot (a relative link on the Hub) is inlined, so no folder is served."""
     import base64
     meta, body = split_card((output_dir / "README.md").read_text())
-    plot = "data:image/png;base64," + base64.b64encode((output_dir / PLOT_FILE).read_bytes()).decode()
-    return meta, body.replace(f"]({PLOT_FILE})", f"]({plot})")
+    for name in (PLOT_FILE, TRIGGER_FILE):
+        if (output_dir / name).is_file():
+            inline = "data:image/png;base64," + base64.b64encode((output_dir / name).read_bytes()).decode()
+            body = body.replace(f"]({name})", f"]({inline})")
+    return meta, body
 
 
 def preview_gallery(report: dict, samples: dict, names: list[str] | None) -> list[tuple[Image.Image, str]]:
@@ -200,7 +208,7 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                                     minimum=2, maximum=settings.max_spc, elem_id="spc")
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                 gr.Markdown("### 3. Trigger and target")
-                trigger = gr.Radio(list(TRIGGER_KINDS), value="badnet", label="Trigger", elem_id="trigger")
+                trigger = gr.Radio(TRIGGER_CHOICES, value="badnet", label="Trigger", elem_id="trigger")
                 trigger_help = gr.Markdown(TRIGGER_HELP["badnet"])
                 with gr.Row():
                     trigger_image = gr.File(label="Trigger image (patch / blended) or .npy (additive)", type="filepath",
@@ -235,6 +243,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                 metrics = gr.Dataframe(headers=["metric", "before", "after"], label="Before / after (test split)",
                                        interactive=False, elem_id="metrics")
                 curve = gr.Image(label="Pruning curve", type="filepath", interactive=False, elem_id="curve")
+                synthesised = gr.Image(label="Synthesised trigger | a test image | stamped (trigger unknown)",
+                                       type="filepath", interactive=False, elem_id="synthesised")
                 preview = gr.Gallery(label="Test images: prediction before -> after the defence (click for the full caption)",
                                      columns=4, height=300, object_fit="contain",
                                      elem_id="preview")
@@ -280,7 +290,7 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                        trigger_mask, blend_alpha, bpp_levels, target, method, recipe, alpha, prune_patience,
                        max_rounds, tune_patience, max_epochs, eval_limit]
         outputs = [status, log, live, metrics, curve, preview, download, card, card_meta, repo_name, push_btn,
-                   push_result, job_state]
+                   push_result, job_state, synthesised]
 
         def defend(previous, *values, progress=gr.Progress()):
             remove_job(previous)  # one job folder per session: the last one
@@ -297,7 +307,7 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             worker = threading.Thread(target=work, daemon=True)
             nothing = [gr.update()] * 9
             cleared = [None, None, None, None, "", "", gr.update(), gr.update(interactive=False), ""]  # last run's
-            yield ["Running ...", "", events.curve(), *cleared, None]
+            yield ["Running ...", "", events.curve(), *cleared, None, None]
             worker.start()
             try:
                 last = 0.0
@@ -305,7 +315,7 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                     worker.join(0.2)
                     if events.drain(progress) and time.perf_counter() - last > 0.5:
                         last = time.perf_counter()
-                        yield [gr.update(), events.text, events.curve(), *nothing, None]
+                        yield [gr.update(), events.text, events.curve(), *nothing, None, gr.update()]
             except GeneratorExit:  # the tab went away: stop the job at its next progress event
                 cancelled.set()
                 raise
@@ -315,10 +325,16 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                 message = str(e) if isinstance(e, UserError) else f"unexpected error: {type(e).__name__}: {e}"
                 if not isinstance(e, UserError):
                     traceback.print_exception(e)
-                yield [f"**Error:** {message}", events.text, events.curve(), *nothing, None]
+                yield [f"**Error:** {message}", events.text, events.curve(), *nothing, None, gr.update()]
                 raise gr.Error(message, print_exception=False)
             o = box["outcome"]
+            if o.output_dir is None:  # trigger unknown and the scan found no backdoor: nothing was changed
+                yield [f"**No backdoor found**: {o.report['scan']['verdict']}. The model is left as it is and nothing "
+                       "was written (the CLI's `--force` defends anyway).", events.text, events.curve(), *nothing,
+                       None, None]
+                return
             meta, body = card_markdown(o.output_dir)
+            trigger_png = o.output_dir / TRIGGER_FILE
             names = o.report["data"].get("class_names")
             b, a = o.report["before"], o.report["after"]
             recipe = o.report["method"].get("recipe")
@@ -329,7 +345,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             yield [summary, events.text, events.curve(), metrics_table(o.report), str(o.output_dir / PLOT_FILE),
                    preview_gallery(o.report, o.samples, names), str(o.zip_path), body, meta,
                    gr.update(value=o.output_dir.name), gr.update(interactive=True), "",
-                   {"job_dir": str(o.job_dir), "output_dir": str(o.output_dir)}]
+                   {"job_dir": str(o.job_dir), "output_dir": str(o.output_dir)},
+                   str(trigger_png) if trigger_png.is_file() else None]
 
         run_btn.click(defend, [job_state, *form_inputs], outputs, concurrency_limit=1, concurrency_id="defence",
                       show_progress_on=[status])

@@ -63,8 +63,8 @@ class JobCancelled(Exception):
 @dataclass
 class JobOutcome:
     job_dir: Path
-    output_dir: Path
-    zip_path: Path
+    output_dir: Path | None  # None: trigger unknown and no backdoor found, nothing written
+    zip_path: Path | None
     report: dict
     samples: dict[str, np.ndarray]
     command: str  # the CLI command that gives the same numbers (uploads and folders by their names: names.py)
@@ -222,6 +222,9 @@ def run_job(settings: SpaceSettings, form: dict, progress: Callable[[ProgressEve
                 for real, label in ((cfg.model, cfg.model_shown), (cfg.data, cfg.data_shown)):
                     message = message.replace(real, label)
                 raise UserError(message) from None
+        if not result.written:  # trigger unknown, no backdoor found: nothing to download
+            shutil.rmtree(job_dir, ignore_errors=True)
+            return JobOutcome(job_dir, None, None, result.report, None, cfg.command)
         zip_path = Path(shutil.make_archive(str(job_dir / model_name(str(result.output_dir))), "zip",
                                             root_dir=result.output_dir.parent, base_dir=result.output_dir.name))
         return JobOutcome(job_dir, result.output_dir, zip_path, result.report, result.samples, cfg.command)

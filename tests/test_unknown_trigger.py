@@ -1,0 +1,135 @@
+"""The trigger unknown: `hf-gradprune scan`, `--trigger unknown` and `--blind` on digits models with a real BadNets
+and a real Blended backdoor, and on a clean model trained the same way without poison."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import read_report, run_cli
+from hf_gradprune.demo import build_backdoored_digits, digits, noise_pattern
+from hf_gradprune.hub import load_model
+from hf_gradprune.metrics import attack_metrics
+from hf_gradprune.pipeline import SCAN_FILE, TRIGGER_FILE
+from hf_gradprune.triggers import TriggerSpec, make_trigger
+
+ALPHA = 0.10  # the default accuracy bound
+
+
+@pytest.fixture(scope="module")
+def blended_backdoor(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("blended")
+    spec = TriggerSpec("blended", image=str(noise_pattern(folder / "noise.png")), alpha=0.2)
+    return {**build_backdoored_digits(folder, epochs=10, trigger=spec), "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def clean_model(tmp_path_factory):
+    """The BadNets fixture's recipe without a single poisoned image."""
+    return build_backdoored_digits(tmp_path_factory.mktemp("clean"), epochs=10, poison_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def backdoors(timm_backdoor, blended_backdoor):
+    return {"badnet": {**timm_backdoor, "spec": TriggerSpec("badnet")}, "blended": blended_backdoor}
+
+
+def trigger_flags(spec: TriggerSpec) -> list:
+    return ["--trigger", spec.kind] + (["--trigger-image", spec.image, "--blend-alpha", spec.alpha]
+                                       if spec.kind == "blended" else [])
+
+
+def real_metrics(model_dir, spec: TriggerSpec, target: int = 0):
+    """ACC / ASR of a saved model on the digits test split, with the attacker's real trigger."""
+    model = load_model(str(model_dir)).model
+    x, y = digits()["test"]
+    clean = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    return attack_metrics(model, clean, make_trigger(spec, (32, 32))(clean), torch.from_numpy(y), target)
+
+
+@pytest.mark.parametrize("attack", ["badnet", "blended"])
+def test_scan_finds_the_target_and_writes_the_trigger(backdoors, attack, tmp_path, capsys):
+    b = backdoors[attack]
+    out = tmp_path / "scan"
+    assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--quiet", "--fail-if-backdoored") == 1
+    report = json.loads((out / SCAN_FILE).read_text())
+    assert report["backdoored"] is True and report["target"] == 0 and report["target_name"] == "zero"
+    assert report["anomaly_index"] > report["threshold"]
+    assert len(report["per_class"]) == 10 and {r["class"] for r in report["per_class"]} == set(range(10))
+    for family in ("patch", "blend"):
+        png = out / f"synthesised_trigger_{family}.png"
+        assert png.name in report["files"]
+        with Image.open(png) as img:
+            assert img.size[0] > img.size[1] > 0  # trigger | clean image | stamped, side by side
+    assert "backdoored: target class 0 (zero)" in capsys.readouterr().out
+    # without the gate the same verdict exits 0
+    assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--overwrite", "--quiet") == 0
+
+
+def test_scan_calls_a_clean_model_clean_and_unknown_leaves_it_untouched(clean_model, tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert run_cli("scan", clean_model["model"], "--data", clean_model["data"], "--output", out, "--quiet",
+                   "--fail-if-backdoored") == 0
+    report = json.loads((out / SCAN_FILE).read_text())
+    assert report["backdoored"] is False and report["target"] is None
+    assert report["anomaly_index"] <= report["threshold"]
+    capsys.readouterr()
+    defended = tmp_path / "defended"
+    assert run_cli(clean_model["model"], "--data", clean_model["data"], "--trigger", "unknown", "--output", defended,
+                   "--quiet") == 0
+    assert not defended.exists()  # nothing written
+    assert "no backdoor found" in capsys.readouterr().out
+    # --force defends all the same, against the most suspicious class, and says the scan called it clean
+    assert run_cli(clean_model["model"], "--data", clean_model["data"], "--trigger", "unknown", "--force",
+                   "--output", defended, "--quiet", "--max-epochs", "2") == 0
+    forced = read_report(defended)
+    assert forced["scan"]["backdoored"] is False and "no backdoor found" in (defended / "README.md").read_text()
+
+
+@pytest.mark.parametrize("attack", ["badnet", "blended"])
+def test_unknown_trigger_removes_the_real_backdoor(backdoors, attack, tmp_path):
+    b = backdoors[attack]
+    out = tmp_path / "out"
+    assert run_cli(b["model"], "--data", b["data"], "--trigger", "unknown", "--output", out, "--quiet") == 0
+    report = read_report(out)
+    assert report["scan"]["backdoored"] and report["scan"]["defence_target"] == 0 and report["target"]["index"] == 0
+    assert report["trigger"].startswith("synthesised") and "real trigger is unknown" in report["trigger"]
+    assert TRIGGER_FILE in report["files"] and (out / TRIGGER_FILE).is_file()
+    card = (out / "README.md").read_text()
+    assert "The trigger was synthesised" in card and "measured with the synthesised trigger" in card
+    assert f"]({TRIGGER_FILE})" in card
+    # measured apart, with the attacker's trigger the defence never had
+    before, after = real_metrics(b["model"], b["spec"]), real_metrics(out, b["spec"])
+    assert before.asr > 0.9 and after.asr < 0.1, (before, after)
+    assert after.acc >= before.acc - ALPHA
+
+
+@pytest.mark.parametrize("attack", ["badnet", "blended"])
+def test_blind_defence_never_sees_the_trigger_it_is_measured_with(backdoors, attack, tmp_path):
+    b = backdoors[attack]
+    out = tmp_path / "out"
+    assert run_cli(b["model"], "--data", b["data"], *trigger_flags(b["spec"]), "--blind", "--output", out,
+                   "--quiet") == 0
+    report = read_report(out)
+    assert report["scan"]["blind"] and report["scan"]["target_matches_measured"]
+    assert report["before"]["asr"] > 0.9 and report["after"]["asr"] < 0.1, (report["before"], report["after"])
+    assert report["after"]["acc"] >= report["before"]["acc"] - ALPHA
+    assert "never saw" in report["trigger"] and "run blind" in (out / "README.md").read_text()
+    # the report's numbers are the real trigger's: the same as measuring the saved model apart
+    assert abs(real_metrics(out, b["spec"]).asr - report["after"]["asr"]) < 0.02
+
+
+def test_synthesis_flags_are_checked(timm_backdoor, tmp_path, capsys):
+    b = timm_backdoor
+    cases = [(["--trigger", "unknown", "--blind"], "--blind needs the real trigger"),
+             (["--force"], "--force only applies"),
+             (["--trigger", "unknown", "--scan-steps", "0"], "--scan-steps 0")]
+    for flags, message in cases:
+        assert run_cli(b["model"], "--data", b["data"], *flags, "--output", tmp_path / "o", "--quiet") == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
+    assert run_cli("scan", b["model"], "--data", Path(tmp_path / "missing"), "--quiet") == 2
+    assert "--data" in capsys.readouterr().err
