@@ -7,6 +7,7 @@
     python benchmarks/tiers.py cpu --method ft fp nad clp ftsam anp   # the baselines, on the same cells
     python benchmarks/tiers.py cpu --variant r-crop --spc 10   # a Grad-Prune variant (variants.py), rows apart
     python benchmarks/tiers.py cpu --compare    # the variants beside the two recipes
+    python benchmarks/tiers.py cpu --blind --spc 10 --seeds 0   # the trigger unknown: the defence never sees it
 
 Grad-Prune runs in both recipes: `gradprune` is the default (robust) recipe, `gradprune-paper` the paper's exact one.
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attacks import ATTACKS, trigger_spec  # noqa: E402
 from variants import VARIANTS, variant_configs  # noqa: E402
-from zoo import CACHE, Recipe, backdoored  # noqa: E402
+from zoo import CACHE, CLEAN, Recipe, backdoored  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # "gradprune" = Grad-Prune in its default (robust) recipe, "gradprune-paper" = the paper's recipe, then the baselines
@@ -110,9 +111,12 @@ def baseline_config(t: Tier, dataset: str):
 
 
 def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, data_root: Path, results: Path,
-            cache: Path, log, method: str = "gradprune", variant: str | None = None) -> dict:
-    """One row; `variant` (variants.py) replaces Grad-Prune's recipe by a variant of it."""
+            cache: Path, log, method: str = "gradprune", variant: str | None = None, blind: bool = False,
+            synth_rounds: int | None = None) -> dict:
+    """One row; `variant` (variants.py) replaces Grad-Prune's recipe by a variant of it. `blind`: the defence scans
+    and synthesises the trigger (--blind); the real one only measures. A clean model's row is its scan's verdict."""
     from hf_gradprune.pipeline import JobConfig, run
+    from hf_gradprune.synth import ScanConfig
     prune = tune = None  # None: the recipe's, as JobConfig makes them for the job's SPC
     job_changes = {}
     if variant:
@@ -127,13 +131,23 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = run(JobConfig(model=str(zoo.folder), data=str(zoo.dataset_folder), output=f"{tmp}/out", spc=spc,
-                            seed=seed, trigger=trigger_spec(attack, cache / "triggers"), target=str(recipe.target),
+                            seed=seed, trigger=trigger_spec("badnet" if attack == CLEAN else attack, cache / "triggers"),
+                            # blind: the target is the scan's to find; the real one (attack's) measures
+                            target="auto" if blind else str(recipe.target), blind=blind,
+                            **({"scan": ScanConfig(rounds=synth_rounds)} if synth_rounds else {}),
                             eval_limit=t.eval_limit, measure_floor=method in GRADPRUNE, recipe=gp_recipe, prune=prune,
                             tune=tune, method="gradprune" if method in GRADPRUNE else method,
                             baseline=baseline_config(t, dataset), **job_changes))
         wall = time.perf_counter() - t0
     r = res.report
     timing = r["timing_s"]
+    if not res.written:  # blind: the scan called the model clean and the defence left it as it was
+        row = {"tier": tier, "dataset": dataset, "attack": attack, "spc": spc, "seed": seed, "method": method,
+               "blind": True, "written": False, "scan": _scan_row(r["scan"], recipe.target), "timing_s": timing,
+               "wall_s": wall, "backdoored_model": {k: zoo.info[k] for k in ("acc", "asr", "ra", "weights_sha256")}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row, indent=2))
+        return row
     row = {"tier": tier, "dataset": dataset, "model": f"timm {recipe.arch} {recipe.model_args}", "attack": attack,
            "spc": spc, "seed": seed, "method": method, "recipe": gp_recipe if method in GRADPRUNE else None,
            "variant": variant or "default", "before": r["before"], "after": r["after"], "rounds": r["rounds"],
@@ -142,9 +156,41 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
            "per_round_over_floor": timing["per_round"] / timing["round_floor"] if "round_floor" in timing else None,
            "backdoored_model": {k: zoo.info[k] for k in ("acc", "asr", "ra", "train_s", "trigger_changed_pixel_share",
                                                           "weights_sha256")}}
+    if blind:
+        row.update(blind=True, written=True, scan=_scan_row(r["scan"], recipe.target))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2))
     return row
+
+
+def _scan_row(scan: dict, real_target: int) -> dict:
+    return {"unlearning_rounds": len((scan.get("unlearning") or {}).get("rounds", [])) or None,
+            "backdoored": scan["backdoored"], "target": scan["target"], "real_target": real_target,
+            "target_found": scan["target"] == real_target, "anomaly_index": scan["anomaly_index"],
+            "family": scan["family"], "scan_s": scan["timing_s"]["scan"],
+            "per_class": scan["per_class"], "triggers": scan["triggers"]}
+
+
+def blind_table(results: Path) -> str:
+    """The blind rows: detection, target found, ACC / ASR after (real trigger); clean models: the verdict."""
+    rows = [json.loads(p.read_text()) for p in sorted((results / "rows").glob("*.json"))]
+    lines = ["| dataset | attack | SPC | seed | verdict (anomaly) | target found | ACC before -> after | "
+             "ASR before -> after (real trigger) | scan s | total s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sc = r["scan"]
+        verdict = f"{'backdoored' if sc['backdoored'] else 'clean'} ({sc['anomaly_index']:.1f}, {sc['family']})"
+        found = "-" if r["attack"] == CLEAN else ("yes" if sc["target_found"] else f"no ({sc['target']})")
+        if r.get("written"):
+            b, a = r["before"], r["after"]
+            acc = f"{100 * b['acc']:.1f} -> {100 * a['acc']:.1f}"
+            asr = f"{100 * b['asr']:.1f} -> {100 * a['asr']:.1f}"
+        else:
+            acc = asr = "untouched"
+        lines.append(f"| {r['dataset']} | {r['attack']} | {r['spc']} | {r['seed']} | {verdict} | {found} | {acc} | "
+                     f"{asr} | {sc['scan_s']:.0f} | {r['wall_s']:.0f} |")
+    text = "\n".join(lines)
+    (results / "summary.md").write_text(text + "\n")
+    return text
 
 
 def main(argv=None) -> int:
@@ -166,6 +212,11 @@ def main(argv=None) -> int:
                     help="a Grad-Prune variant (benchmarks/variants.py) in place of the recipes; rows go to <tier>-<variant>/")
     ap.add_argument("--epochs", type=int, help="override the tier's training epochs (a dry run of a GPU tier on CPU)")
     ap.add_argument("--train-limit", type=int, help="train the backdoored models on this many images only (dry run)")
+    ap.add_argument("--synth-rounds", type=int, default=None,
+                    help="--blind: synthesise -> unlearn rounds (default: the tool's); rows go to <...>-blind-r<N>/")
+    ap.add_argument("--blind", action="store_true",
+                    help="Grad-Prune with the trigger unknown to it (scan + synthesis); the real trigger only measures. "
+                         "Clean models (same recipe, no poison) are scanned too; rows go to <tier>-<tag>-blind/")
     args = ap.parse_args(argv)
     t = TIERS[args.tier]
     if args.epochs or args.train_limit:
@@ -173,7 +224,8 @@ def main(argv=None) -> int:
                                 for d, r in t.recipes.items()})
     variant = args.variant
     name = args.tier + (f"-{args.tag}" if args.tag else "") + (f"-{variant}" if variant else "") + \
-        ("-dryrun" if args.epochs or args.train_limit else "")
+        ("-dryrun" if args.epochs or args.train_limit else "") + ("-blind" if args.blind else "") + \
+        (f"-r{args.synth_rounds}" if args.synth_rounds else "")
     results = args.results or RESULTS / name
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.compare:
@@ -185,20 +237,32 @@ def main(argv=None) -> int:
         return 0
     if not args.report:
         datasets = [d for d in t.datasets if d in args.only] or t.datasets
-        attacks = [a for a in t.attacks if a in args.only] or t.attacks
+        attacks = [a for a in (*t.attacks, *([CLEAN] if args.blind else ())) if a in args.only] or \
+            [*t.attacks, *([CLEAN] if args.blind else ())]
         spcs = args.spc or t.spcs
         # per dataset, the cheap SPCs of every attack first, the largest (slowest) SPC last
-        methods = args.method or (t.methods if not variant else ("gradprune",))
+        methods = args.method or (t.methods if not variant and not args.blind else ("gradprune",))
         cells = [(d, a, s, seed, m) for d in datasets for big in (False, True) for s in spcs
                  for seed in args.seeds or t.seeds for m in methods for a in attacks
                  if (s == max(spcs)) == big and (m in GRADPRUNE or (a in t.baseline_attacks and (
                      args.seeds or seed in t.baseline_seeds.get(s, t.seeds))))]
         for i, (d, a, s, seed, m) in enumerate(cells, 1):
             t0 = time.perf_counter()
-            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, m, variant)
+            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, m, variant, args.blind,
+                          args.synth_rounds)
+            if args.blind:
+                log(f"[{i}/{len(cells)}] {d} {a} SPC {s} seed {seed} blind: scan "
+                    f"{'backdoored' if row['scan']['backdoored'] else 'clean'} -> {row['scan']['target']}"
+                    + (f", ASR {100 * row['before']['asr']:.1f} -> {100 * row['after']['asr']:.1f} %, ACC "
+                       f"{100 * row['before']['acc']:.1f} -> {100 * row['after']['acc']:.1f} %" if row["written"] else "")
+                    + f" ({time.perf_counter() - t0:.0f} s)")
+                continue
             log(f"[{i}/{len(cells)}] {d} {a} SPC {s} seed {seed} {m}: ASR {100 * row['before']['asr']:.1f} -> "
                 f"{100 * row['after']['asr']:.1f} %, ACC {100 * row['before']['acc']:.1f} -> "
                 f"{100 * row['after']['acc']:.1f} % ({time.perf_counter() - t0:.0f} s)")
+    if args.blind:
+        print(blind_table(results))
+        return 0
     from report import write_report
     table = write_report(args.tier, results)
     print(table)

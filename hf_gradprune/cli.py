@@ -42,10 +42,14 @@ def _scan_flags(g) -> None:
     g.add_argument("--scan-classes", type=int, default=ScanConfig.max_classes,
                    help=f"classes synthesised for (default {ScanConfig.max_classes}); with more classes a probe picks "
                         "the suspects, so the cost does not grow with the number of classes")
+    g.add_argument("--synth-rounds", type=int, default=ScanConfig.rounds,
+                   help="--trigger unknown / --blind: synthesise -> unlearn rounds; each later round re-synthesises "
+                        f"the target's triggers on the defended model and unlearns them too (default {ScanConfig.rounds})")
 
 
 def _scan_config(args) -> ScanConfig:
-    for flag, value in (("--scan-steps", args.scan_steps), ("--scan-classes", args.scan_classes)):
+    for flag, value in (("--scan-steps", args.scan_steps), ("--scan-classes", args.scan_classes),
+                        ("--synth-rounds", args.synth_rounds)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
     if args.scan_classes < ScanConfig.candidates + 1:
@@ -53,7 +57,8 @@ def _scan_config(args) -> ScanConfig:
                         "(the suspects plus reference classes)")
     if args.scan_threshold <= 0:
         raise UserError(f"--scan-threshold {args.scan_threshold}: must be positive")
-    return ScanConfig(steps=args.scan_steps, threshold=args.scan_threshold, max_classes=args.scan_classes)
+    return ScanConfig(steps=args.scan_steps, threshold=args.scan_threshold, max_classes=args.scan_classes,
+                      rounds=args.synth_rounds)
 
 
 def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:

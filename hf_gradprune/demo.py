@@ -181,10 +181,10 @@ def noise_pattern(path: Path, size: int = 32, seed: int = 0) -> Path:
 def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 12, target: int = 0,
                             poison_rate: float = 0.1, seed: int = 0, arch: str = "resnet18",
                             model_args: dict | None = None, config=None, lr: float = 0.05,
-                            trigger: TriggerSpec | None = None) -> dict:
+                            trigger: TriggerSpec | None = None, augment: bool = False) -> dict:
     """Plant a backdoor (BadNets unless `trigger` says otherwise) in a digits classifier; write model/ and data/ in
     Hub layout under folder. poison_rate 0: the same recipe without poison, a clean model (ASR then measured with
-    the trigger all the same).
+    the trigger all the same). augment: random crops (no flips), as real checkpoints are trained.
 
     timm: `arch` + `model_args` (default: a narrow ResNet-18); transformers: `config`, a transformers config of an
     image classifier (default: a small ResNet), built with AutoModelForImageClassification."""
@@ -199,7 +199,7 @@ def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 1
     else:
         model, processor = transformers_digits_model(seed=seed, config=config)
     asr, rounds = _plant(model, px, py, epochs, seed, splits["test"], stamp, target, lr,
-                         max_runs=3 if poison_rate > 0 else 1)
+                         max_runs=3 if poison_rate > 0 else 1, augment=augment)
     if library == "timm":
         save_timm(model, folder / "model", model_args)
     else:
@@ -212,7 +212,8 @@ PLANTED_ASR = 0.9  # a backdoor counts as planted when this share of triggered n
 
 
 def _plant(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, test: tuple[np.ndarray, np.ndarray],
-           stamp: Callable, target: int, lr: float = 0.05, max_runs: int = 3) -> tuple[float, int]:
+           stamp: Callable, target: int, lr: float = 0.05, max_runs: int = 3,
+           augment: bool = False) -> tuple[float, int]:
     """Train until the backdoor has taken hold. BadNets on digits is learned abruptly, late in a short run, and
     whether 10 epochs get there depends on the CPU's reduction order (seen: ASR 99.7 % on 2 threads, 6.5 % on 1):
     another run of the same schedule from where the last ended makes it take hold everywhere instead of on most
@@ -220,7 +221,7 @@ def _plant(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: in
     from .metrics import attack_metrics
     clean = torch.from_numpy(test[0]).permute(0, 3, 1, 2).contiguous()
     for run in range(1, max_runs + 1):
-        train_classifier(model, x, y, epochs, lr=lr, batch_size=32, seed=seed + run - 1)
+        train_classifier(model, x, y, epochs, lr=lr, batch_size=32, seed=seed + run - 1, augment=augment, flip=False)
         asr = attack_metrics(model, clean, stamp(clean), torch.from_numpy(test[1]), target).asr
         if asr >= PLANTED_ASR or max_runs == 1:  # one run: a clean model, nothing to plant
             return asr, run

@@ -28,7 +28,7 @@ from .names import hub_id_of, local_name, model_name, public_name
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .recipes import describe as describe_recipe
-from .synth import ScanResult, scan, stamp_twins, usable_triggers, verdict
+from .synth import ScanResult, resynthesise, scan, stamp_twins, usable_triggers, verdict
 from .triggers import UNKNOWN, make_trigger
 
 REPORT_FILE = "gradprune_report.json"
@@ -183,7 +183,8 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
     if found is None:
         trig_train, trig_val, trig_test, trigger_desc = real
     else:  # the defence sees only the synthesised triggers
-        trig_train, trig_val = (PixelSet(stamp_twins(found, s.pixels), s.labels) for s in (data.train, data.val))
+        trig_train, trig_val = (PixelSet(stamp_twins(usable_triggers(found), s.pixels), s.labels)
+                                for s in (data.train, data.val))
         stamped = "; ".join(t.describe() for t in usable_triggers(found))
         if cfg.blind:
             trig_test = real[2]
@@ -258,6 +259,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
 
     defence = defend(cfg.method, job, cfg, emit)
     timing.update(defence.timing)
+    unlearning = _resynthesis_rounds(job, cfg, defence, emit) if job.scan is not None else None
+    defence = unlearning.pop("defence") if unlearning else defence
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the sanitised model"))
@@ -277,7 +280,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
                  "input_size": list(loaded.input_size), "train_rows": data.train_idx, "val_rows": data.val_idx},
         "trigger": job.trigger,
         "target": {"index": target, "name": names[target] if names else None, "auto": job.target_auto},
-        **({"scan": _scan_dict(job.scan, names, cfg, target)} if job.scan is not None else {}),
+        **({"scan": {**_scan_dict(job.scan, names, cfg, target), "unlearning": unlearning}}
+           if job.scan is not None else {}),
         "before": before.to_dict(),
         "after": after.to_dict(),
         "pruned": defence.changed,
@@ -308,6 +312,30 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     emit(ProgressEvent("done", values={"before": report["before"], "after": report["after"], "target": target}))
     samples = {k: v.cpu().numpy() for k, v in preview_px.items()}
     return JobResult(out, report, procs.is_main, samples, scan=job.scan)
+
+
+def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: ProgressCallback) -> dict:
+    """cfg.scan.rounds > 1: re-synthesise the target's triggers on the defended model and defend again against all
+    triggers found so far, until none works any more or the rounds are spent."""
+    t = job.tensors
+    triggers = usable_triggers(job.scan)
+    rounds = [{"round": 1, "triggers": [x.describe() for x in triggers], "finetune_epochs": _epochs(defence)}]
+    pixels, labels = torch.cat([t["train"], t["val"]]), torch.cat([t["train_y"], t["val_y"]])
+    for r in range(2, cfg.scan.rounds + 1):
+        emit(ProgressEvent("scan", message=f"round {r}: re-synthesising the triggers of class {job.target}"))
+        fresh = resynthesise(job.loaded.model, pixels, labels, job.target, replace(cfg.scan, seed=cfg.seed), r)
+        if not fresh:
+            rounds.append({"round": r, "triggers": [], "note": "no trigger reaches the flip goal any more"})
+            break
+        triggers += fresh
+        t["trig_train"], t["trig_val"] = stamp_twins(triggers, t["train"]), stamp_twins(triggers, t["val"])
+        defence = defend(cfg.method, job, cfg, emit)
+        rounds.append({"round": r, "triggers": [x.describe() for x in fresh], "finetune_epochs": _epochs(defence)})
+    return {"rounds": rounds, "defence": defence}
+
+
+def _epochs(defence: Defence) -> int:
+    return defence.tune.epochs if defence.tune else 0
 
 
 def _scan_dict(found: ScanResult, names: list[str] | None, cfg: JobConfig, measured_target: int | None = None) -> dict:
