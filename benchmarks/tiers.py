@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attacks import ATTACKS, trigger_spec  # noqa: E402
@@ -112,7 +114,7 @@ def baseline_config(t: Tier, dataset: str):
 
 def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, data_root: Path, results: Path,
             cache: Path, log, method: str = "gradprune", variant: str | None = None, blind: bool = False,
-            synth_rounds: int | None = None) -> dict:
+            scan: dict | None = None) -> dict:
     """One row; `variant` (variants.py) replaces Grad-Prune's recipe by a variant of it. `blind`: the defence scans
     and synthesises the trigger (--blind); the real one only measures. A clean model's row is its scan's verdict."""
     from hf_gradprune.pipeline import JobConfig, run
@@ -134,7 +136,7 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
                             seed=seed, trigger=trigger_spec("badnet" if attack == CLEAN else attack, cache / "triggers"),
                             # blind: the target is the scan's to find; the real one (attack's) measures
                             target="auto" if blind else str(recipe.target), blind=blind,
-                            **({"scan": ScanConfig(rounds=synth_rounds)} if synth_rounds else {}),
+                            **({"scan": ScanConfig(**scan)} if scan else {}),
                             eval_limit=t.eval_limit, measure_floor=method in GRADPRUNE, recipe=gp_recipe, prune=prune,
                             tune=tune, method="gradprune" if method in GRADPRUNE else method,
                             baseline=baseline_config(t, dataset), **job_changes))
@@ -188,9 +190,29 @@ def blind_table(results: Path) -> str:
             acc = asr = "untouched"
         lines.append(f"| {r['dataset']} | {r['attack']} | {r['spc']} | {r['seed']} | {verdict} | {found} | {acc} | "
                      f"{asr} | {sc['scan_s']:.0f} | {r['wall_s']:.0f} |")
-    text = "\n".join(lines)
+    text = "\n".join(lines) + "\n\n" + blind_means(rows)
     (results / "summary.md").write_text(text + "\n")
     return text
+
+
+def blind_means(rows: list[dict]) -> str:
+    """Per dataset and SPC, against the issue's goals: mean ASR after (real trigger) <= 10 %, mean ACC drop <= 3
+    points, target found in >= 90 % of backdoored runs, >= 90 % of clean-model scans clean."""
+    lines = ["| dataset | SPC | attack | runs | target found | mean ACC drop (pts) | mean ASR after % | clean scans clean |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d, spc in sorted({(r["dataset"], r["spc"]) for r in rows}):
+        cell = [r for r in rows if (r["dataset"], r["spc"]) == (d, spc)]
+        attacks = sorted({r["attack"] for r in cell if r["attack"] != CLEAN})
+        for a in [*attacks, "all"]:
+            rs = [r for r in cell if r["attack"] != CLEAN and a in (r["attack"], "all")]
+            done = [r for r in rs if r.get("written")]
+            drop = [100 * (r["before"]["acc"] - r["after"]["acc"]) for r in done]
+            asr = [100 * r["after"]["asr"] for r in done]
+            clean = [r for r in cell if r["attack"] == CLEAN] if a == "all" else []
+            lines.append(f"| {d} | {spc} | {a} | {len(rs)} | {sum(r['scan']['target_found'] for r in rs)} / {len(rs)} | "
+                         f"{np.mean(drop):.1f} | {np.mean(asr):.1f} | "
+                         + (f"{sum(not r['scan']['backdoored'] for r in clean)} / {len(clean)} |" if clean else "- |"))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -214,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-limit", type=int, help="train the backdoored models on this many images only (dry run)")
     ap.add_argument("--synth-rounds", type=int, default=None,
                     help="--blind: synthesise -> unlearn rounds (default: the tool's); rows go to <...>-blind-r<N>/")
+    ap.add_argument("--synth-from", choices=("original", "defended"), default=None,
+                    help="--blind: what later rounds defend (default: the tool's); rows go to <...>-blind[-rN]-<FROM>/")
     ap.add_argument("--blind", action="store_true",
                     help="Grad-Prune with the trigger unknown to it (scan + synthesis); the real trigger only measures. "
                          "Clean models (same recipe, no poison) are scanned too; rows go to <tier>-<tag>-blind/")
@@ -225,7 +249,7 @@ def main(argv=None) -> int:
     variant = args.variant
     name = args.tier + (f"-{args.tag}" if args.tag else "") + (f"-{variant}" if variant else "") + \
         ("-dryrun" if args.epochs or args.train_limit else "") + ("-blind" if args.blind else "") + \
-        (f"-r{args.synth_rounds}" if args.synth_rounds else "")
+        (f"-r{args.synth_rounds}" if args.synth_rounds else "") + (f"-{args.synth_from}" if args.synth_from else "")
     results = args.results or RESULTS / name
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.compare:
@@ -248,8 +272,8 @@ def main(argv=None) -> int:
                      args.seeds or seed in t.baseline_seeds.get(s, t.seeds))))]
         for i, (d, a, s, seed, m) in enumerate(cells, 1):
             t0 = time.perf_counter()
-            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, m, variant, args.blind,
-                          args.synth_rounds)
+            scan = {k: v for k, v in (("rounds", args.synth_rounds), ("rounds_from", args.synth_from)) if v}
+            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, m, variant, args.blind, scan)
             if args.blind:
                 log(f"[{i}/{len(cells)}] {d} {a} SPC {s} seed {seed} blind: scan "
                     f"{'backdoored' if row['scan']['backdoored'] else 'clean'} -> {row['scan']['target']}"

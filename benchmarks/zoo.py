@@ -75,8 +75,8 @@ def dataset_folder(name: str, data_root: Path, cache: Path = CACHE) -> Path:
 
 
 def load_arrays(spec: DatasetSpec, folder: Path):
-    from datasets import load_dataset
-    ds = load_dataset(str(folder))
+    from hf_gradprune.data import load_splits  # a cache of its own per folder (two folders may share a name)
+    ds = load_splits(str(folder))
     out = {}
     for split in ("train", "test"):
         d = ds[split].with_format("numpy")

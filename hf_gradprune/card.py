@@ -114,4 +114,5 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         uses_triggered=method["name"] == "gradprune", data_free=method["name"] == "clp",
         plot_caption="Channels zeroed per conv layer (no data used)" if method["name"] == "clp" else
         "How the defence went, on the validation split",
-        layer_rows=_layer_rows(changed), command=report["command"], scan=report.get("scan"))
+        layer_rows=_layer_rows(changed), command=report["command"], scan=report.get("scan"),
+        class_alignment=report["data"].get("class_alignment"))

@@ -19,6 +19,7 @@ from .data import train_per_class
 from .errors import UserError
 from .finetune import AUGMENTATIONS, TuneConfig
 from .job import BaselineConfig
+from .memory import parse_batch_size, parse_memory
 from .methods import METHODS
 from .names import check_hub_id, file_name, local_name, model_name, public_name
 from .prune import NORMALISATIONS, SCORES, PruneConfig
@@ -45,6 +46,18 @@ def _scan_flags(g) -> None:
     g.add_argument("--synth-rounds", type=int, default=ScanConfig.rounds,
                    help="--trigger unknown / --blind: synthesise -> unlearn rounds; each later round re-synthesises "
                         f"the target's triggers on the defended model and unlearns them too (default {ScanConfig.rounds})")
+    g.add_argument("--synth-from", choices=("original", "defended"), default=ScanConfig.rounds_from,
+                   help="what each later round defends against all triggers found so far: the original model "
+                        "(default; accuracy lost to unlearning does not add up) or the last round's")
+
+
+def _memory_flags(g) -> None:
+    g.add_argument("--batch-size", default="auto",
+                   help="images per forward + backward pass (scoring, checks, evaluation; fine-tuning and synthesis "
+                        "steps are accumulated over batches of this size); also the unit of work shared out to "
+                        "processes. Default auto: the largest that fits --max-memory, measured on the model")
+    g.add_argument("--max-memory", help="memory one batch may take, e.g. 4GiB (default: 2 GiB on a CPU, at most a "
+                                        "quarter of the free RAM; 60 %% of the free memory on a GPU)")
 
 
 def _scan_config(args) -> ScanConfig:
@@ -58,7 +71,7 @@ def _scan_config(args) -> ScanConfig:
     if args.scan_threshold <= 0:
         raise UserError(f"--scan-threshold {args.scan_threshold}: must be positive")
     return ScanConfig(steps=args.scan_steps, threshold=args.scan_threshold, max_classes=args.scan_classes,
-                      rounds=args.synth_rounds)
+                      rounds=args.synth_rounds, rounds_from=args.synth_from)
 
 
 def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -157,8 +170,7 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g = p.add_argument_group("safety and runtime")
     g.add_argument("--allow-pickle", action="store_true", help="load pickle weights (pytorch_model.bin): runs code")
     g.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code")
-    g.add_argument("--batch-size", type=int, default=256,
-                   help="batch size for scoring and evaluation; also the unit of work shared out to processes")
+    _memory_flags(g)
     g.add_argument("--device", help="torch device for a single process (default: accelerate's choice)")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                    help="fine-tuning precision (default: accelerate's config, else no); scoring stays fp32")
@@ -340,7 +352,8 @@ def job_config(argv: list[str], raising: bool = False) -> tuple["JobConfig", arg
                                             nad_teacher_epochs=args.nad_teacher_epochs, clp_u=args.clp_u,
                                             sam_rho=args.sam_rho, sam_label_smoothing=args.label_smoothing,
                                             anp_iters=args.anp_iters, anp_eps=args.anp_eps),
-                    batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+                    batch_size=parse_batch_size(args.batch_size), max_memory=parse_memory(args.max_memory),
+                    allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
                     mixed_precision=args.mixed_precision, source_id=args.source_id, data_id=args.data_id,
                     blind=args.blind, force=args.force, scan=_scan_config(args))
@@ -387,7 +400,7 @@ def _check_numbers(args) -> None:
     if not 0 <= args.alpha < 1:
         raise UserError(f"--alpha {args.alpha}: must be a fraction in [0, 1)")
     for flag, value in (("--prune-patience", args.prune_patience), ("--max-rounds", args.max_rounds),
-                        ("--tune-patience", args.tune_patience), ("--batch-size", args.batch_size),
+                        ("--tune-patience", args.tune_patience),
                         ("--tune-batch-size", args.tune_batch_size), ("--nad-teacher-epochs", args.nad_teacher_epochs),
                         ("--anp-iters", args.anp_iters)):
         if value is not None and value < 1:
@@ -458,6 +471,7 @@ def _scan_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
+    _memory_flags(p)
     _scan_flags(p)
     return p
 
@@ -465,7 +479,6 @@ def _scan_parser() -> argparse.ArgumentParser:
 def scan_command(argv: list[str]) -> int:
     args = _scan_parser().parse_args(argv)
     from .pipeline import JobConfig, run_scan
-    from .synth import verdict
     if args.quiet:
         _quiet_libraries()
     check_hub_id("--source-id", args.source_id, args.model, "MODEL")
@@ -475,7 +488,8 @@ def scan_command(argv: list[str]) -> int:
                     label_column=args.label_column, spc=args.spc, seed=args.seed, target=args.target,
                     trigger=TriggerSpec(UNKNOWN), allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, device=args.device,
-                    source_id=args.source_id, data_id=args.data_id, scan=_scan_config(args))
+                    source_id=args.source_id, data_id=args.data_id, scan=_scan_config(args),
+                    batch_size=parse_batch_size(args.batch_size), max_memory=parse_memory(args.max_memory))
     # the published command: model and data by their public names, never a path of this machine or a token
     cfg.command = shlex.join(["hf-gradprune", "scan", cfg.model_shown, "--data", cfg.data_shown, "--spc",
                               str(args.spc), "--seed", str(args.seed), "--scan-steps", str(args.scan_steps)])

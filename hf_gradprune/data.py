@@ -5,8 +5,10 @@ Following the paper, SPC counts train + val images per class: SPC 2 is 1 train +
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,14 +36,33 @@ class FewShot:
     train_idx: list[int]  # rows of the pool split
     val_idx: list[int]
     test_idx: list[int]  # rows of the test split (or of the pool when the test set is the rest of it)
-    class_names: list[str] | None
+    class_names: list[str] | None  # in the model's order (labels are the model's indices)
     test_split: str  # name of the split the test set came from, or "<split> minus the few-shot draw"
+    label_map: list[int] | None = None  # dataset label -> model label, when the classes were aligned by name
+
+
+def local_cache_dir(folder: Path) -> str:
+    """Where `datasets` should keep its copy of a local dataset folder: a directory named after the folder's place
+    and files. `datasets` 5 names its cache after the folder's name only, so two folders called `data` would share
+    one cache and the second would silently load the first's images; the fingerprint keeps them apart and renews
+    the copy when a file changes."""
+    import datasets.config
+    folder = folder.resolve()
+    h = hashlib.sha256(str(folder).encode())
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            st = path.stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "hf-gradprune-local" / h.hexdigest()[:20])
 
 
 def load_splits(data_id: str, revision: str | None = None):
     from datasets import DatasetDict, load_dataset
     try:
-        ds = load_dataset(data_id, revision=revision)
+        folder = Path(data_id).expanduser()
+        ds = load_dataset(str(folder), cache_dir=local_cache_dir(folder)) if folder.is_dir() else \
+            load_dataset(data_id, revision=revision)
     except FileNotFoundError:
         raise UserError(f"--data {data_id}: no such dataset folder or Hub dataset; give a Hub id or a folder in Hub layout") from None
     except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ValueError)
@@ -78,20 +99,29 @@ def _generic(names: list[str] | None) -> bool:
     return not names or all(re.fullmatch(r"(label_?)?\d+", _norm_name(n)) for n in names)
 
 
-def check_classes(data_names: list[str] | None, labels: np.ndarray, model_names: list[str] | None, num_classes: int,
-                  data_id: str, model_id: str) -> None:
-    """The dataset's classes must be the model's classes, in the same order."""
+def align_classes(data_names: list[str] | None, labels: np.ndarray, model_names: list[str] | None, num_classes: int,
+                  data_id: str, model_id: str) -> list[int] | None:
+    """The dataset's classes must be the model's. Where both sides name them and the names are the same set in
+    another order (an image folder's classes come sorted by name), returns where each dataset label goes in the
+    model's order; None when they already agree. Different names are an error that lists the first few."""
     if data_names is not None and len(data_names) != num_classes:
         raise UserError(f"--data {data_id}: {len(data_names)} classes, but MODEL {model_id} has {num_classes} outputs; "
                         "use the dataset the model was trained on")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(f"--data {data_id}: labels span {labels.min()}..{labels.max()}, outside the model's {num_classes} classes")
-    if not _generic(data_names) and not _generic(model_names):
-        mismatch = [(i, d, m) for i, (d, m) in enumerate(zip(data_names, model_names)) if _norm_name(d) != _norm_name(m)]
-        if mismatch:
-            i, d, m = mismatch[0]
-            raise UserError(f"--data {data_id}: class {i} is {d!r} but MODEL {model_id} calls it {m!r}; "
-                            "the dataset's classes must match the model's labels in order")
+    if _generic(data_names) or _generic(model_names):
+        return None
+    data_keys, model_keys = [_norm_name(d) for d in data_names], [_norm_name(m) for m in model_names]
+    if data_keys == model_keys:
+        return None
+    where = {k: i for i, k in enumerate(model_keys)}
+    if sorted(data_keys) != sorted(model_keys) or len(where) != len(model_keys):
+        only_data = [d for d, k in zip(data_names, data_keys) if k not in where][:3]
+        only_model = [m for m, k in zip(model_names, model_keys) if k not in set(data_keys)][:3]
+        raise UserError(f"--data {data_id}: its class names are not MODEL {model_id}'s labels (only in the data: "
+                        f"{', '.join(map(repr, only_data)) or '-'}; only in the model: "
+                        f"{', '.join(map(repr, only_model)) or '-'}); use the dataset the model was trained on")
+    return [where[k] for k in data_keys]
 
 
 def val_per_class(spc: int, val_ratio: float) -> int:
@@ -129,14 +159,16 @@ def draw_few_shot(labels: np.ndarray, num_classes: int, spc: int, val_ratio: flo
 
 
 def decode(split, rows: list[int], image_column: str, label_column: str,
-           to_pixels: Callable[[list[Image.Image]], np.ndarray], chunk: int = 512) -> PixelSet:
-    """Decode rows through the model's own preprocessing, once; every later step works on these tensors."""
+           to_pixels: Callable[[list[Image.Image]], np.ndarray], chunk: int = 512,
+           label_map: list[int] | None = None) -> PixelSet:
+    """Decode rows through the model's own preprocessing, once; every later step works on these tensors.
+    `label_map`: dataset label -> the model's (align_classes)."""
     sub = split.select(rows) if rows is not None else split
     pixels, labels = [], []
     for start in range(0, len(sub), chunk):
         batch = sub[start:start + chunk]
         pixels.append(to_pixels(batch[image_column]))
-        labels.extend(int(y) for y in batch[label_column])
+        labels.extend(int(y) if label_map is None else label_map[int(y)] for y in batch[label_column])
     stacked = np.concatenate(pixels) if pixels else to_pixels([Image.new("RGB", (8, 8))])[:0]
     return PixelSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.long))
 

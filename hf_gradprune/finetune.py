@@ -7,6 +7,8 @@ A method changes the loss (`loss_fn`) or the optimiser (`make_optimizer`), never
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -107,11 +109,14 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
              on_epoch: Callable[[int, float], None] | None = None, loss_fn: LossFn | None = None,
              make_optimizer: Callable[[list[nn.Parameter], TuneConfig], torch.optim.Optimizer] | None = None,
              reference_correct: int | None = None, procs: Procs = SINGLE,
-             val_triggered: torch.Tensor | None = None, soft_targets: torch.Tensor | None = None) -> TuneResult:
+             val_triggered: torch.Tensor | None = None, soft_targets: torch.Tensor | None = None,
+             chunk_size: int = 256) -> TuneResult:
     """Train on (pixels, labels) and keep the epoch cfg.select picks. `reference_correct` is the validation count alpha
     is measured from, when that is not the model as it enters fine-tuning (FP and Grad-Prune: the model before their
     pruning). `val_triggered`: the triggered twins of `val_pixels`, for select "unlearning_within_alpha".
     `soft_targets`: a probability row per training row, distilled with weight cfg.distill (the default loss only).
+    `chunk_size`: the most images one forward + backward takes (memory.py); a step's batch of cfg.batch_size images
+    is accumulated over chunks of it (batch norm then normalises each chunk by its own statistics).
 
     On N processes every process draws the same global batches and augmentations and trains on its contiguous part
     of each (data-parallel through `accelerator.prepare`, batch norm over the global batch); the loss is scaled so
@@ -134,12 +139,12 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     bounded = cfg.select != "unlearning"  # whether an epoch outside alpha may be kept
     if unlearning and val_triggered is None:
         raise ValueError(f"select '{cfg.select}' needs the triggered validation twins")
-    best, start_correct = val_loss_acc(model, val_pixels, val_labels, procs=procs)
+    best, start_correct = val_loss_acc(model, val_pixels, val_labels, chunk_size, procs)
     base_correct = start_correct if reference_correct is None else reference_correct
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = TuneResult(0, 0, [best], [start_correct / n_val])
     if unlearning:
-        unlearning_loss = val_loss_acc(model, val_triggered, val_labels, procs=procs)[0]
+        unlearning_loss = val_loss_acc(model, val_triggered, val_labels, chunk_size, procs)[0]
         result.val_unlearning_losses.append(unlearning_loss)
         # the model as it enters fine-tuning is the fallback; under a bound it competes only if it is within alpha
         best = best + unlearning_loss if not (bounded and accuracy_dropped(base_correct, start_correct, n_val, cfg.alpha)) \
@@ -147,6 +152,7 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     since_best = 0
     train_model, train_opt = _prepare(model, opt, procs)
     smallest = max(2, procs.world)  # BatchNorm cannot train on one image; every process needs one
+    chunk = max(2, chunk_size)
     with synced_batch_norm(model, procs):
         for epoch in range(1, cfg.max_epochs + 1):
             train_model.train()
@@ -166,15 +172,25 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
 
                 def closure():
                     train_opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(train_model, x, y, *extra)
-                    _backward(loss * scale if scale != 1 else loss, procs)
-                    return loss
+                    if len(y) <= chunk:
+                        loss = loss_fn(train_model, x, y, *extra)
+                        _backward(loss * scale if scale != 1 else loss, procs)
+                        return loss
+                    total = 0.0
+                    parts = _chunks(len(y), chunk)
+                    for k, part in enumerate(parts):  # the step's mean loss, a chunk at a time
+                        share = (part.stop - part.start) / len(y)
+                        with _no_sync(train_model, procs, k < len(parts) - 1):
+                            loss = loss_fn(train_model, x[part], y[part], *(e[part] for e in extra))
+                            _backward(loss * (share * scale), procs)
+                        total = total + loss.detach() * share
+                    return total
                 train_opt.step(closure)
                 if keep is not None:
                     keep.reapply()
             if sched is not None:
                 sched.step()
-            loss, correct = val_loss_acc(model, val_pixels, val_labels, procs=procs)
+            loss, correct = val_loss_acc(model, val_pixels, val_labels, chunk_size, procs)
             result.epochs = epoch
             result.val_losses, result.val_accs = result.val_losses + [loss], result.val_accs + [correct / n_val]
             if on_epoch:
@@ -183,7 +199,7 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
             if cfg.select == "loss":
                 better, value = loss < best, loss
             elif unlearning:
-                unlearning_loss = val_loss_acc(model, val_triggered, val_labels, procs=procs)[0]
+                unlearning_loss = val_loss_acc(model, val_triggered, val_labels, chunk_size, procs)[0]
                 result.val_unlearning_losses.append(unlearning_loss)
                 value = loss + unlearning_loss
                 better = (within or not bounded) and value < best
@@ -205,6 +221,19 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
 def _prepare(model: nn.Module, opt: torch.optim.Optimizer, procs: Procs):
     """DDP and mixed precision come from accelerate; one plain process trains the model as it is."""
     return procs.accelerator.prepare(model, opt) if procs.wraps else (model, opt)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    """Rows 0..n in chunks of at most `size`, none of one row (batch norm cannot train on one image)."""
+    cuts = list(range(0, n, size)) + [n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] < 2:
+        cuts.pop(-2)
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def _no_sync(model: nn.Module, procs: Procs, skip: bool):
+    """Across processes, gradients are averaged once per step, after its last chunk."""
+    return procs.accelerator.no_sync(model) if skip and procs.world > 1 else contextlib.nullcontext()
 
 
 def _backward(loss: torch.Tensor, procs: Procs) -> None:

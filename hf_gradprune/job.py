@@ -3,7 +3,7 @@ baselines' settings), what a defence gets (Prepared), what the caller gets back 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from .data import FewShot, train_per_class
 from .finetune import TuneConfig
 from .hub import LoadedModel
+from .memory import BatchChoice
 from .names import public_name
 from .parallel import Procs
 from .prune import PruneConfig
@@ -71,7 +72,8 @@ class JobConfig:
     prune: PruneConfig | None = None  # Grad-Prune (default: the recipe's); alpha also bounds FP's and ANP's sweeps
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     tune: TuneConfig | None = None  # Grad-Prune's fine-tuning (default: the recipe's)
-    batch_size: int = 256
+    batch_size: int | str = "auto"  # images per forward + backward (memory.py): "auto" fits it to max_memory
+    max_memory: int | None = None  # bytes one batch's activations may take (default: memory.memory_budget)
     allow_pickle: bool = False
     trust_remote_code: bool = False
     overwrite: bool = False
@@ -90,6 +92,11 @@ class JobConfig:
         prune, tune = recipe_configs(self.recipe, train_per_class(self.spc, self.val_ratio))
         self.prune = self.prune or prune
         self.tune = self.tune or tune
+
+    def scan_config(self, chunk_size: int | None = None) -> ScanConfig:
+        """The scan's settings under the job's seed (every process, and every later round, draws the same) and
+        the job's memory batch."""
+        return replace(self.scan, seed=self.seed, chunk_size=chunk_size)
 
     @property
     def synthesises(self) -> bool:
@@ -129,6 +136,12 @@ class Prepared:
     procs: Procs = field(default_factory=Procs)  # this process's share of an `accelerate launch` job
     scan: ScanResult | None = None  # the trigger unknown: what the scan found and synthesised
     measure_target: int | None = None  # the target ACC / ASR / RA count against, when not `target` (--blind)
+    untouched: bool = False  # the scan found no backdoor and --force was not given: no tensors, nothing to defend
+    batch: BatchChoice | None = None  # images per forward + backward, as chosen for this model and device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch.batch_size if self.batch else 256
 
     @property
     def metrics_target(self) -> int:

@@ -36,14 +36,16 @@ def predict(model: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> to
 @torch.no_grad()
 def attack_metrics(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor,
                    target: int, batch_size: int = 256, procs: Procs = SINGLE) -> AttackMetrics:
-    """Each process counts its chunks of the test set; the counts are summed (every image counted exactly once)."""
+    """Each process counts its chunks of the test set; the counts are summed (every image counted exactly once).
+    The test set may sit in host memory: only one chunk at a time goes to the model's device."""
     model.eval()
+    device = next(model.parameters()).device
 
     def chunk(start: int, end: int) -> torch.Tensor:
-        y = labels[start:end]
+        y = labels[start:end].to(device)
         keep = y != target
-        trig_pred = model(triggered[start:end][keep]).argmax(1) if keep.any() else y[keep]
-        return torch.stack([(model(clean[start:end]).argmax(1) == y).sum(), (trig_pred == target).sum(),
+        trig_pred = model(triggered[start:end].to(device)[keep]).argmax(1) if keep.any() else y[keep]
+        return torch.stack([(model(clean[start:end].to(device)).argmax(1) == y).sum(), (trig_pred == target).sum(),
                             (trig_pred == y[keep]).sum()])
     correct, hits, robust = (int(v) for v in procs.chunk_sums(len(labels), batch_size, 3, chunk))  # one host sync
     n = int((labels != target).sum())

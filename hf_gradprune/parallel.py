@@ -80,6 +80,13 @@ class Procs:
             raise UserError(f"processes disagree on {what}: {values}; the processes do not see the same model or "
                                "data (a different checkpoint revision, dataset cache or library version per node?)")
 
+    def least(self, value: int) -> int:
+        """The smallest of every process's value (a choice measured per process, such as the batch size)."""
+        if self.world == 1:
+            return value
+        from accelerate.utils import gather_object
+        return min(gather_object([value]))
+
     def wait(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()

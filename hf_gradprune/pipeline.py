@@ -6,23 +6,26 @@ Progress reaches the caller through a callback; nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from . import __version__
 from .card import render_card
-from .data import FewShot, PixelSet, check_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
+from .data import FewShot, PixelSet, align_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
 from .hub import LOCAL_FILE, LoadedModel, load_model, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
 from .job import JobConfig, JobResult, Prepared
+from .memory import AUTO, BatchChoice, choose_batch_size
 from .methods import METHODS, Defence, defend
 from .names import hub_id_of, local_name, model_name, public_name
 from .parallel import Procs, start
@@ -80,7 +83,11 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True) -> t
     feature = pool.features[label_col]
     class_names = list(feature.names) if hasattr(feature, "names") else None
     labels = np.asarray(pool[label_col], dtype=np.int64)
-    check_classes(class_names, labels, loaded.label_names, loaded.num_classes, cfg.data, cfg.model)
+    label_map = align_classes(class_names, labels, loaded.label_names, loaded.num_classes, cfg.data, cfg.model)
+    data_order = class_names
+    if label_map is not None:  # from here on every label is the model's index
+        labels = np.asarray(label_map, dtype=np.int64)[labels]
+        class_names = list(loaded.label_names)
     train_idx, val_idx = draw_few_shot(labels, loaded.num_classes, cfg.spc, cfg.val_ratio, cfg.seed, class_names,
                                        f"split '{cfg.split}'")
     if cfg.eval_split is not None and cfg.eval_split not in splits:
@@ -94,13 +101,16 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True) -> t
     if cfg.eval_limit is not None and cfg.eval_limit < 1:
         raise UserError(f"--eval-limit {cfg.eval_limit}: must be at least 1")
     test_idx = eval_rows(len(test_split), exclude, cfg.eval_limit, cfg.seed) if with_test else []
-    data = FewShot(decode(pool, train_idx, image_col, label_col, loaded.to_pixels),
-                   decode(pool, val_idx, image_col, label_col, loaded.to_pixels),
-                   decode(test_split, test_idx, image_col, label_col, loaded.to_pixels),
-                   train_idx, val_idx, test_idx, class_names, eval_name)
+    data = FewShot(*(decode(split, rows, image_col, label_col, loaded.to_pixels, label_map=label_map)
+                     for split, rows in ((pool, train_idx), (pool, val_idx), (test_split, test_idx))),
+                   train_idx, val_idx, test_idx, class_names, eval_name, label_map)
     meta = {"dataset": cfg.data_shown, "hub_id": hub_id_of(cfg.data, cfg.data_id), "revision": cfg.data_revision,
             "split": cfg.split, "test_split": eval_name, "image_column": image_col,
             "label_column": label_col, "class_names": class_names}
+    if label_map is not None:
+        meta["class_alignment"] = {
+            "note": f"the dataset lists the model's {len(label_map)} classes in another order; its labels were "
+                    "mapped onto the model's by name", "data_order": data_order, "data_to_model": label_map}
     return data, meta
 
 
@@ -120,7 +130,7 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: 
             if max(rows, default=-1) >= len(split):
                 raise UserError(f"--backdoor-data {cfg.backdoor_data}: split '{split_name}' has {len(split)} rows, fewer than "
                                 "--data; it must be row-aligned with --data")
-            twin = decode(split, rows, img_col, lab_col, loaded.to_pixels)
+            twin = decode(split, rows, img_col, lab_col, loaded.to_pixels, label_map=data.label_map)
             if not torch.equal(twin.labels, clean.labels):
                 raise UserError(f"--backdoor-data {cfg.backdoor_data}: labels differ from --data in split '{split_name}'; "
                                 "rows must be triggered copies of the same images with their true labels")
@@ -144,13 +154,13 @@ def _check_synthesis(cfg: JobConfig) -> None:
 
 
 def _scan(cfg: JobConfig, loaded: LoadedModel, data: FewShot, target: int | None, emit: ProgressCallback,
-          device: torch.device) -> ScanResult:
+          device: torch.device, batch: BatchChoice) -> ScanResult:
     """The scan on all few-shot images (train + val), the same on every process (same seed, same images)."""
     emit(ProgressEvent("scan", message=f"scanning {cfg.model_shown} for a backdoor ({loaded.num_classes} classes)"))
     loaded.model.to(device)
     pixels = torch.cat([data.train.pixels, data.val.pixels]).to(device)
     labels = torch.cat([data.train.labels, data.val.labels]).to(device)
-    return scan(loaded.model, pixels, labels, loaded.num_classes, replace(cfg.scan, seed=cfg.seed), target, emit)
+    return scan(loaded.model, pixels, labels, loaded.num_classes, cfg.scan_config(batch.batch_size), target, emit)
 
 
 def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: Procs | None = None) -> Prepared:
@@ -166,12 +176,14 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
     with procs.main_first():
         data, meta = _load_data(cfg, loaded)
     target = _resolve_target(cfg.target, loaded, data.class_names)
+    batch = _batch_choice(cfg, loaded, data.train.pixels[:1], procs)
     found = None
     if cfg.synthesises:
-        found = _scan(cfg, loaded, data, target, emit, procs.device)
+        found = _scan(cfg, loaded, data, target, emit, procs.device, batch)
         emit(ProgressEvent("verdict", message=verdict(found, data.class_names or loaded.label_names)))
         if not found.backdoored and not cfg.force:  # a clean model is left untouched: nothing stamped, nothing written
-            return Prepared(loaded, data, meta, {}, -1, target is None, "", procs, scan=found)
+            return Prepared(loaded, data, meta, {}, found.best_class, target is None, "", procs, scan=found,
+                            untouched=True, batch=batch)
     real = None  # the real trigger's twins: what the defence stamps, or under --blind only what measures
     if found is None or cfg.blind:
         real = _triggered_copies(cfg, loaded, data, meta)
@@ -191,30 +203,44 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
             trigger_desc = (f"{stamped}. The defence stamped only these; ACC / ASR / RA are measured with the real "
                             f"trigger, which it never saw: {real[3]}")
             if target is None:  # ASR counts against the real trigger's target (found from it, for measuring only)
-                measure_target = _real_target(model, real, loaded.num_classes, cfg.batch_size, procs.device)
+                measure_target = _auto_target(model, real[:2], loaded.num_classes, batch.batch_size, procs.device)
         else:
             trig_test = PixelSet(found.trigger(data.test.pixels), data.test.labels)
             trigger_desc = f"{stamped}. The real trigger is unknown: ASR / RA are measured with the first of these"
     model.to(procs.device)
-    tensors = {k: v.to(procs.device) for k, v in {
+    # the few-shot images live on the device (every round reads them); the test set stays in host memory and goes
+    # to the device a chunk at a time (metrics.attack_metrics), so its size never bounds the device's memory
+    tensors = {**{k: v.to(procs.device) for k, v in {
         "train": data.train.pixels, "train_y": data.train.labels, "trig_train": trig_train.pixels,
-        "val": data.val.pixels, "val_y": data.val.labels, "trig_val": trig_val.pixels,
-        "test": data.test.pixels, "test_y": data.test.labels, "trig_test": trig_test.pixels}.items()}
+        "val": data.val.pixels, "val_y": data.val.labels, "trig_val": trig_val.pixels}.items()},
+        "test": data.test.pixels, "test_y": data.test.labels, "trig_test": trig_test.pixels}
     target_auto = target is None
     if found is not None:
-        target = found.target if found.target is not None else found.best_class
+        target = found.defence_target
     elif target_auto:
-        few_shot = torch.cat([tensors["trig_train"], tensors["trig_val"]])
-        target = pick_target(predict(model, few_shot, cfg.batch_size), torch.cat([tensors["train_y"], tensors["val_y"]]),
-                             loaded.num_classes)
-    return Prepared(loaded, data, meta, tensors, target, target_auto, trigger_desc, procs, found, measure_target)
+        target = _auto_target(model, (trig_train, trig_val), loaded.num_classes, batch.batch_size,
+                              procs.device)
+    return Prepared(loaded, data, meta, tensors, target, target_auto, trigger_desc, procs, found, measure_target,
+                    batch=batch)
 
 
-def _real_target(model, real: tuple, num_classes: int, batch_size: int, device) -> int:
-    pixels = torch.cat([real[0].pixels, real[1].pixels]).to(device)
-    labels = torch.cat([real[0].labels, real[1].labels])
+def _batch_choice(cfg: JobConfig, loaded: LoadedModel, example: torch.Tensor, procs: Procs) -> BatchChoice:
+    """--batch-size auto: measured on this model at its input size; on N processes the smallest choice, so that
+    every process cuts the work into the same chunks."""
+    if cfg.batch_size != AUTO:
+        return BatchChoice(int(cfg.batch_size), cfg.max_memory or 0, 0, 0, "--batch-size")
+    loaded.model.to(procs.device)
+    choice = choose_batch_size(loaded.model, example[0].to(procs.device), procs.device, cfg.max_memory)
+    least = procs.least(choice.batch_size)
+    return choice if least == choice.batch_size else replace(choice, batch_size=least,
+                                                             source=choice.source + ", the smallest over processes")
+
+
+def _auto_target(model, triggered: tuple[PixelSet, ...], num_classes: int, batch_size: int, device) -> int:
+    """No --target: the class the triggered few-shot images of other classes go to most."""
+    pixels = torch.cat([s.pixels for s in triggered]).to(device)
     model.to(device)
-    return pick_target(predict(model, pixels, batch_size), labels, num_classes)
+    return pick_target(predict(model, pixels, batch_size), torch.cat([s.labels for s in triggered]), num_classes)
 
 
 def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
@@ -243,7 +269,7 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     names = data.class_names or loaded.label_names
     if job.scan is not None:
         timing["scan"] = job.scan.timing_s["scan"]
-        if not tensors:  # the scan found no backdoor and --force was not given: the model is left as it is
+        if job.untouched:  # the scan found no backdoor and --force was not given: the model is left as it is
             report = {"scan": _scan_dict(job.scan, names, cfg), "written": False, "timing_s": timing}
             emit(ProgressEvent("done", message=verdict(job.scan, names) + "; nothing written (--force defends anyway)"))
             return JobResult(out, report, procs.is_main, written=False, scan=job.scan)
@@ -251,22 +277,23 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the model before the defence"))
-    before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size, procs)
+    before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, job.batch_size, procs)
     timing["evaluate_before"] = time.perf_counter() - t
     shown = _preview_rows(tensors["test_y"], target)
-    preview_px = {"clean": tensors["test"][shown], "triggered": tensors["trig_test"][shown]}
-    preview_before = {k: predict(model, v, cfg.batch_size).tolist() for k, v in preview_px.items()}
+    preview_px = {k: tensors[key][shown].to(procs.device) for k, key in (("clean", "test"), ("triggered", "trig_test"))}
+    preview_before = {k: predict(model, v, job.batch_size).tolist() for k, v in preview_px.items()}
 
+    original = _snapshot(model) if job.scan is not None and cfg.scan.rounds > 1 else None
     defence = defend(cfg.method, job, cfg, emit)
     timing.update(defence.timing)
-    unlearning = _resynthesis_rounds(job, cfg, defence, emit) if job.scan is not None else None
+    unlearning = _resynthesis_rounds(job, cfg, defence, emit, original) if job.scan is not None else None
     defence = unlearning.pop("defence") if unlearning else defence
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the sanitised model"))
-    after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, cfg.batch_size, procs)
+    after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, job.batch_size, procs)
     timing["evaluate_after"] = time.perf_counter() - t
-    preview_after = {k: predict(model, v, cfg.batch_size).tolist() for k, v in preview_px.items()}
+    preview_after = {k: predict(model, v, job.batch_size).tolist() for k, v in preview_px.items()}
 
     report = {
         "tool": {"name": "hf-gradprune", "version": __version__, "method": cfg.method},
@@ -298,6 +325,7 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
         "command": cfg.command or f"hf-gradprune {cfg.model_shown} --data {cfg.data_shown}"
                                   + ("" if cfg.method == "gradprune" else f" --method {cfg.method}"),
         "timing_s": timing,
+        "batch": job.batch.to_dict(),
         "processes": {"count": procs.world, "device": procs.device.type, "mixed_precision": procs.mixed_precision},
     }
     if cfg.repo_id:
@@ -314,24 +342,35 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     return JobResult(out, report, procs.is_main, samples, scan=job.scan)
 
 
-def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: ProgressCallback) -> dict:
-    """cfg.scan.rounds > 1: re-synthesise the target's triggers on the defended model and defend again against all
-    triggers found so far, until none works any more or the rounds are spent."""
-    t = job.tensors
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights and buffers as they were, on the CPU: later synthesis rounds may start from them again."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: ProgressCallback,
+                        original: dict[str, torch.Tensor] | None) -> dict:
+    """cfg.scan.rounds > 1: re-synthesise the target's triggers on the defended model (the ways in that are left)
+    and defend again against all triggers found so far, until none works any more or the rounds are spent.
+
+    rounds_from "original" defends the model as it was before round 1 each time, so the accuracy lost to unlearning
+    does not add up over the rounds; "defended" unlearns on top of the last round."""
+    t, sc = job.tensors, cfg.scan_config(job.batch_size)
     triggers = usable_triggers(job.scan)
     rounds = [{"round": 1, "triggers": [x.describe() for x in triggers], "finetune_epochs": _epochs(defence)}]
     pixels, labels = torch.cat([t["train"], t["val"]]), torch.cat([t["train_y"], t["val_y"]])
-    for r in range(2, cfg.scan.rounds + 1):
+    for r in range(2, sc.rounds + 1):
         emit(ProgressEvent("scan", message=f"round {r}: re-synthesising the triggers of class {job.target}"))
-        fresh = resynthesise(job.loaded.model, pixels, labels, job.target, replace(cfg.scan, seed=cfg.seed), r)
+        fresh = resynthesise(job.loaded.model, pixels, labels, job.target, sc, r)
         if not fresh:
             rounds.append({"round": r, "triggers": [], "note": "no trigger reaches the flip goal any more"})
             break
         triggers += fresh
         t["trig_train"], t["trig_val"] = stamp_twins(triggers, t["train"]), stamp_twins(triggers, t["val"])
+        if sc.rounds_from == "original":
+            job.loaded.model.load_state_dict(original)
         defence = defend(cfg.method, job, cfg, emit)
         rounds.append({"round": r, "triggers": [x.describe() for x in fresh], "finetune_epochs": _epochs(defence)})
-    return {"rounds": rounds, "defence": defence}
+    return {"rounds": rounds, "rounds_from": sc.rounds_from, "defence": defence}
 
 
 def _epochs(defence: Defence) -> int:
@@ -341,7 +380,7 @@ def _epochs(defence: Defence) -> int:
 def _scan_dict(found: ScanResult, names: list[str] | None, cfg: JobConfig, measured_target: int | None = None) -> dict:
     """The report's and card's account of the scan: what it found, what was synthesised, how ASR was measured."""
     d = {**found.to_dict(names), "verdict": verdict(found, names), "blind": cfg.blind,
-         "defence_target": found.target if found.target is not None else found.best_class,
+         "defence_target": found.defence_target,
          "trigger_file": TRIGGER_FILE,
          "asr_measured_with": "the real trigger, which the defence never saw (--blind)" if cfg.blind
          else "the synthesised trigger (the real one is unknown)"}
@@ -369,11 +408,7 @@ def _local_config(cfg: JobConfig) -> dict:
 def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defence, report: dict,
                   local: dict, images: dict | None = None) -> None:
     """Everything goes to a temporary sibling first and is renamed into place at the end: nothing half written."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _fresh_dir(out, overwrite) as tmp:
         files = save_model(loaded, tmp)
         defence.plot(tmp / PLOT_FILE)
         for name, image in (images or {}).items():
@@ -382,6 +417,19 @@ def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defe
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         (tmp / LOCAL_FILE).write_text(json.dumps(local, indent=2, default=str))
         render_card(report, PLOT_FILE, source_card_license(loaded)).save(tmp / "README.md")
+
+
+@contextlib.contextmanager
+def _fresh_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `out` to write into, renamed into place when the block ends without error and
+    removed when it does not: nothing half written ever sits at `out`."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
         if out.exists():
             _check_output(out, overwrite)
             shutil.rmtree(out)
@@ -409,7 +457,8 @@ def run_scan(cfg: JobConfig, progress: ProgressCallback | None = None) -> tuple[
     data, meta = _load_data(cfg, loaded, with_test=False)
     target = _resolve_target(cfg.target, loaded, data.class_names)
     load_s = time.perf_counter() - t0
-    found = _scan(cfg, loaded, data, target, emit, procs.device)
+    batch = _batch_choice(cfg, loaded, data.train.pixels[:1], procs)
+    found = _scan(cfg, loaded, data, target, emit, procs.device, batch)
     names = data.class_names or loaded.label_names
     images = {f"synthesised_trigger_{f}.png": t.image(data.val.pixels[0]) for f, t in found.triggers.items()}
     report = {"tool": {"name": "hf-gradprune", "version": __version__, "command": "scan"},
@@ -421,20 +470,9 @@ def run_scan(cfg: JobConfig, progress: ProgressCallback | None = None) -> tuple[
               "config": _config_dict(cfg, out), "command": cfg.command,
               "timing_s": {"load": load_s, **found.timing_s, "total": time.perf_counter() - t0}}
     report.pop("blind"), report.pop("asr_measured_with"), report.pop("trigger_file")
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with _fresh_dir(out, cfg.overwrite) as tmp:
         for name, image in images.items():
             image.save(tmp / name)
         (tmp / SCAN_FILE).write_text(json.dumps(report, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     emit(ProgressEvent("done", message=verdict(found, names)))
     return found, report, out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .progress import ProgressCallback, ProgressEvent
+from .units import grads_only_for
 
 FAMILIES = ("patch", "blend")
 MIN_SPREAD = float(np.log(1.5))  # the smallest robust deviation of log trigger sizes the anomaly index divides by
@@ -44,8 +46,11 @@ class ScanConfig:
     candidates: int = 3  # of those, the probe's most-hit classes (the rest: seeded reference classes)
     probe_steps: int = 60
     batch_size: int = 64  # few-shot images per optimisation step
+    chunk_size: int | None = None  # the most images one forward + backward takes (the job's memory batch)
     seed: int = 0
     rounds: int = 3  # synthesise -> unlearn rounds; later ones re-synthesise the target's triggers on the defended model
+    rounds_from: str = "original"  # what each later round defends: the "original" model (with every trigger found
+    # so far) or the "defended" one (unlearning on unlearning, which costs accuracy each round)
 
 
 @dataclass
@@ -96,6 +101,12 @@ class ScanResult:
     timing_s: dict = field(default_factory=dict)
 
     @property
+    def defence_target(self) -> int:
+        """The class a defence works against: the target found, or (under --force on a clean verdict) the class
+        that came nearest."""
+        return self.target if self.target is not None else self.best_class
+
+    @property
     def trigger(self) -> Synthesised:
         """The trigger the defence stamps: the family that gave the evidence."""
         return self.triggers[self.family]
@@ -124,6 +135,27 @@ def _apply(x: torch.Tensor, mask_logit: torch.Tensor, pattern_logit: torch.Tenso
     return (1 - m) * x + m * 255 * torch.sigmoid(pattern_logit), m
 
 
+def _step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, mask_logit: torch.Tensor,
+          pattern_logit: torch.Tensor, size_loss: Callable[[torch.Tensor], torch.Tensor], chunk: int | None,
+          sign: float = 1.0) -> tuple[torch.Tensor, float]:
+    """Back-propagate one step's loss, sign x cross-entropy to `labels` + size_loss(trigger size), over chunks of at
+    most `chunk` images (the memory batch); returns the predictions on the stamped images and the size."""
+    if chunk is None or len(x) <= chunk:
+        stamped, m = _apply(x, mask_logit, pattern_logit)
+        logits = model(stamped)
+        size = m.mean()
+        (sign * F.cross_entropy(logits, labels) + size_loss(size)).backward()
+        return logits.argmax(1).detach(), float(size.detach())
+    preds = []
+    for s in range(0, len(x), chunk):
+        logits = model(_apply(x[s:s + chunk], mask_logit, pattern_logit)[0])
+        (sign * F.cross_entropy(logits, labels[s:s + chunk], reduction="sum") / len(x)).backward()
+        preds.append(logits.argmax(1).detach())
+    size = torch.sigmoid(mask_logit).mean()
+    size_loss(size).backward()
+    return torch.cat(preds), float(size.detach())
+
+
 def synthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, target: int, family: str,
                cfg: ScanConfig, gen: torch.Generator) -> Synthesised:
     """The smallest trigger of `family` that sends cfg.flip of the images of other classes to `target`.
@@ -139,18 +171,15 @@ def synthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, tar
     for step in range(cfg.steps):
         rows = torch.randperm(len(x), generator=gen)[: cfg.batch_size].to(x.device) if len(x) > cfg.batch_size \
             else torch.arange(len(x), device=x.device)
-        stamped, m = _apply(x[rows], mask_logit, pattern_logit)
-        logits = model(stamped)
-        size = m.mean()
-        loss = F.cross_entropy(logits, goal[: len(rows)]) + lam * size * 10
-        flip = float((logits.argmax(1) == target).float().mean())
-        if flip >= cfg.flip and (best is None or size.item() < best[0]):
-            best = (size.item(), flip, mask_logit.detach().clone(), pattern_logit.detach().clone())
+        opt.zero_grad(set_to_none=True)
+        pred, size = _step(model, x[rows], goal[: len(rows)], mask_logit, pattern_logit, lambda v: lam * v * 10,
+                           cfg.chunk_size)
+        flip = float((pred == target).float().mean())
+        if flip >= cfg.flip and (best is None or size < best[0]):
+            best = (size, flip, mask_logit.detach().clone(), pattern_logit.detach().clone())
         best_flip = max(best_flip, flip)
         lam = lam * 1.5 if flip >= cfg.flip else lam / 1.5 ** 1.5
         lam = min(max(lam, 1e-4), 1e3)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         opt.step()
     if best is None:
         with torch.no_grad():
@@ -174,11 +203,10 @@ def probe(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_clas
         opt = torch.optim.Adam([mask_logit, pattern_logit], lr=cfg.lr, betas=(0.5, 0.9))
         for _ in range(cfg.probe_steps):
             rows = torch.randperm(len(x), generator=gen)[: cfg.batch_size].to(x.device)
-            stamped, m = _apply(x[rows], mask_logit, pattern_logit)
-            # away from the own label, with the trigger held small (area or blend ratio at most about 0.1)
-            loss = -F.cross_entropy(model(stamped), labels[rows]) + 10 * F.relu(m.mean() - 0.1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # away from the own label, with the trigger held small (area or blend ratio at most about 0.1)
+            _step(model, x[rows], labels[rows], mask_logit, pattern_logit, lambda v: 10 * F.relu(v - 0.1),
+                  cfg.chunk_size, sign=-1.0)
             opt.step()
         with torch.no_grad():
             for s in range(0, len(x), cfg.batch_size):
@@ -222,11 +250,9 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
     `target` (the user's --target): that class's triggers are the ones returned, and it is always scanned."""
     t0 = time.perf_counter()
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
     hits = None
-    try:
+    with grads_only_for(model, []):
         if num_classes > cfg.max_classes:
             emit(ProgressEvent("scan", message=f"probing which of {num_classes} classes a small trigger sends images to"))
             hits = probe(model, pixels, labels, num_classes, cfg, gen)
@@ -241,9 +267,6 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
                 found[c][family] = synthesise(model, pixels, labels, c, family, cfg, gen)
                 emit(ProgressEvent("scan", step=i * len(FAMILIES) + j + 1, total=total,
                                    values={"class": c, family: found[c][family].size}))
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
     index = {f: dict(zip(classes, _anomaly([found[c][f].size for c in classes]))) for f in FAMILIES}
     # the evidence: one index over the product of the two families' sizes. A target shrinks in both (CIFAR-10,
     # 150 steps: BadNets 10x in patch, 1.2x in blend; Blended 2x and 2x; LF 3x and 3x), a clean class's
@@ -288,13 +311,8 @@ def resynthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, t
     invert-and-unlearn loop; the next-easiest way in is often nearer the real trigger)."""
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * round_)
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with grads_only_for(model, []):
         found = [synthesise(model, pixels, labels, target, f, cfg, gen) for f in FAMILIES]
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
     return [t for t in found if t.size < 1.0]
 
 

@@ -342,6 +342,9 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             summary = (f"**Done** ({title}): ASR {100 * b['asr']:.2f} % -> "
                        f"{100 * a['asr']:.2f} %, ACC {100 * b['acc']:.2f} % -> {100 * a['acc']:.2f} %. "
                        f"Same numbers from the CLI: `{o.command}`")
+            aligned = o.report["data"].get("class_alignment")
+            if aligned:
+                summary += f" Note: {aligned['note']}."
             yield [summary, events.text, events.curve(), metrics_table(o.report), str(o.output_dir / PLOT_FILE),
                    preview_gallery(o.report, o.samples, names), str(o.zip_path), body, meta,
                    gr.update(value=o.output_dir.name), gr.update(interactive=True), "",

@@ -87,7 +87,8 @@ def test_classes_do_not_match_model(run_bad, tmp_path):
     x = np.zeros((20, 32, 32, 3), np.uint8)
     y = np.repeat(np.arange(10), 2)
     write_hub_dataset(tmp_path / "other", {"train": (x, y)}, [f"c{i}x" for i in range(10)])
-    run_bad(data=tmp_path / "other", expect=("class 0 is 'c0x'",))
+    run_bad(data=tmp_path / "other", expect=("class names are not MODEL", "only in the data: 'c0x', 'c1x', 'c2x'",
+                                             "only in the model: 'zero', 'one', 'two'"))
 
 
 def test_output_not_empty(timm_backdoor, tmp_path, capsys):
@@ -128,6 +129,9 @@ def test_bad_numbers(run_bad):
     run_bad("--alpha", "1.5", expect=("--alpha 1.5",))
     run_bad("--max-rounds", "0", expect=("--max-rounds 0",))
     run_bad("--distill", "-1", expect=("--distill -1",))
+    run_bad("--batch-size", "0", expect=("--batch-size 0", "at least 1, or auto"))
+    run_bad("--batch-size", "many", expect=("--batch-size many", "whole number"))
+    run_bad("--max-memory", "lots", expect=("--max-memory lots", "4GiB"))
 
 
 def test_missing_split(run_bad):

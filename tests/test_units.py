@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from hf_gradprune.data import check_classes, draw_few_shot
+from hf_gradprune.data import align_classes, draw_few_shot
 from hf_gradprune.errors import UserError
 from hf_gradprune.prune import FilterPruner, accuracy_dropped, filter_scores, norms_fed_by_convs, unit_scores
 from hf_gradprune.triggers import TriggerSpec, badnet_patch_size, make_trigger
@@ -84,13 +84,15 @@ def test_class_too_small_is_an_error_not_dropped():
         draw_few_shot(labels, 2, 10, 0.1, 0, ["a", "b"], "split 'train'")
 
 
-def test_class_names_must_match_the_model():
-    check_classes(["cat", "dog"], np.array([0, 1]), ["Cat", "dog"], 2, "d", "m")
-    check_classes(["cat", "dog"], np.array([0, 1]), ["LABEL_0", "LABEL_1"], 2, "d", "m")
-    with pytest.raises(UserError, match="class 1 is 'dog' but MODEL m calls it 'bird'"):
-        check_classes(["cat", "dog"], np.array([0, 1]), ["cat", "bird"], 2, "d", "m")
+def test_class_names_are_aligned_to_the_model_or_refused():
+    assert align_classes(["cat", "dog"], np.array([0, 1]), ["Cat", "dog"], 2, "d", "m") is None
+    assert align_classes(["cat", "dog"], np.array([0, 1]), ["LABEL_0", "LABEL_1"], 2, "d", "m") is None
+    # an image folder sorts its class names: each dataset label goes to the model's index of the same name
+    assert align_classes(["eight", "five", "one"], np.array([0, 1, 2]), ["one", "Five", "eight"], 3, "d", "m") == [2, 1, 0]
+    with pytest.raises(UserError, match=r"not MODEL m's labels \(only in the data: 'dog'; only in the model: 'bird'\)"):
+        align_classes(["cat", "dog"], np.array([0, 1]), ["cat", "bird"], 2, "d", "m")
     with pytest.raises(UserError, match="3 classes, but MODEL m has 2 outputs"):
-        check_classes(["a", "b", "c"], np.array([0, 1]), None, 2, "d", "m")
+        align_classes(["a", "b", "c"], np.array([0, 1]), None, 2, "d", "m")
 
 
 # ---- stop rule ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ..masks import ChannelMask
 from ..plot import plot_curve
 from ..progress import ProgressEvent
 from ..prune import accuracy_dropped
-from ..units import Unit
+from ..units import Unit, grads_only_for
 from . import Defence
 from .fp import val_correct
 
@@ -49,9 +49,6 @@ def defend(job, cfg, emit) -> Defence:
     norms = batch_norms(job.loaded, "anp")
     start = time.perf_counter()
     perts = [Perturbation(n) for _, n in norms]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
     masks = [q.mask for q in perts]
     noises = [x for q in perts for x in (q.noise_w, q.noise_b)]
     opt = torch.optim.SGD(masks, lr=b.anp_mask_lr, momentum=0.9)
@@ -61,40 +58,39 @@ def defend(job, cfg, emit) -> Defence:
     model.eval()
     emit(ProgressEvent("prune", total=b.anp_iters, message=f"learning masks for {sum(len(m) for m in masks)} "
                                                             f"batch-norm channels ({b.anp_iters} iterations)"))
-    try:
-        for it in range(1, b.anp_iters + 1):
-            if pos >= len(order):
-                order, pos = torch.randperm(len(y_all), generator=gen), 0
-            idx = order[pos:pos + b.anp_batch_size].to(y_all.device)
-            pos += b.anp_batch_size
-            x, y = x_all[idx], y_all[idx]
-            with torch.no_grad():  # random start in [-eps, eps]
-                for v in noises:
-                    v.uniform_(-b.anp_eps, b.anp_eps, generator=None if v.is_cuda else gen)
-            for q in perts:
-                q.perturbed = True
-            for _ in range(b.anp_steps):  # signed ascent on the clean loss
-                grads = torch.autograd.grad(F.cross_entropy(model(x), y), noises)
+    with grads_only_for(model, []):  # only the masks learn
+        try:
+            for it in range(1, b.anp_iters + 1):
+                if pos >= len(order):
+                    order, pos = torch.randperm(len(y_all), generator=gen), 0
+                idx = order[pos:pos + b.anp_batch_size].to(y_all.device)
+                pos += b.anp_batch_size
+                x, y = x_all[idx], y_all[idx]
+                with torch.no_grad():  # random start in [-eps, eps]
+                    for v in noises:
+                        v.uniform_(-b.anp_eps, b.anp_eps, generator=None if v.is_cuda else gen)
+                for q in perts:
+                    q.perturbed = True
+                for _ in range(b.anp_steps):  # signed ascent on the clean loss
+                    grads = torch.autograd.grad(F.cross_entropy(model(x), y), noises)
+                    with torch.no_grad():
+                        for v, g in zip(noises, grads):
+                            v.add_(g.sign(), alpha=b.anp_eps / b.anp_steps).clamp_(-b.anp_eps, b.anp_eps)
+                loss_rob = F.cross_entropy(model(x), y)
+                for q in perts:
+                    q.perturbed = False
+                loss = b.anp_alpha * F.cross_entropy(model(x), y) + (1 - b.anp_alpha) * loss_rob
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
                 with torch.no_grad():
-                    for v, g in zip(noises, grads):
-                        v.add_(g.sign(), alpha=b.anp_eps / b.anp_steps).clamp_(-b.anp_eps, b.anp_eps)
-            loss_rob = F.cross_entropy(model(x), y)
+                    for m in masks:
+                        m.clamp_(0, 1)
+                if it % 50 == 0 or it == b.anp_iters:
+                    emit(ProgressEvent("prune", step=it, total=b.anp_iters, values={"loss": float(loss.detach())}))
+        finally:
             for q in perts:
-                q.perturbed = False
-            loss = b.anp_alpha * F.cross_entropy(model(x), y) + (1 - b.anp_alpha) * loss_rob
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for m in masks:
-                    m.clamp_(0, 1)
-            if it % 50 == 0 or it == b.anp_iters:
-                emit(ProgressEvent("prune", step=it, total=b.anp_iters, values={"loss": float(loss.detach())}))
-    finally:
-        for q in perts:
-            q.handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+                q.handle.remove()
     timing = {"masks": time.perf_counter() - start}
 
     start = time.perf_counter()
@@ -102,7 +98,7 @@ def defend(job, cfg, emit) -> Defence:
     owner = [(name, c) for name, n in norms for c in range(n.num_features)]
     ranked = sorted(range(len(values)), key=lambda i: (float(values[i]), i))
     n_val = len(t["val_y"])
-    base = val_correct(model, job, cfg.batch_size)
+    base = val_correct(model, job, job.batch_size)
     mask, kept, kept_threshold, curve = ChannelMask(), 0, 0.0, [(0.0, base / n_val, 0)]
     modules = dict(norms)
     steps = int(round(b.anp_max_threshold / b.anp_threshold_step))
@@ -113,7 +109,7 @@ def defend(job, cfg, emit) -> Defence:
                 break
             name, c = owner[i]
             mask.zero(modules[name].weight, 0, c)
-        correct = val_correct(model, job, cfg.batch_size)
+        correct = val_correct(model, job, job.batch_size)
         curve.append((threshold, correct / n_val, len(mask)))
         if accuracy_dropped(base, correct, n_val, cfg.prune.alpha):
             break

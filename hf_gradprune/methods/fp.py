@@ -30,19 +30,19 @@ def defend(job, cfg, emit) -> Defence:
     model, t = job.loaded.model, job.tensors
     start = time.perf_counter()
     name, head = classifier_layer(job.loaded)
-    means = classifier_input_means(model, head, t["train"], cfg.batch_size)
+    means = classifier_input_means(model, head, t["train"], job.batch_size)
     order = means.argsort(stable=True).tolist()  # least active first
     channels = len(order)
     step = max(1, math.ceil(cfg.baseline.fp_step * channels))
     n_val = len(t["val_y"])
-    base = val_correct(model, job, cfg.batch_size)
+    base = val_correct(model, job, job.batch_size)
     mask, kept, curve = ChannelMask(), 0, [(0, base / n_val)]
     stop = "all channels but one step"
     emit(ProgressEvent("prune", total=channels // step, message=f"pruning the {channels} input channels of {name}"))
     for k in range(step, channels, step):
         for c in order[len(mask):k]:
             mask.zero(head.weight, 1, c)
-        correct = val_correct(model, job, cfg.batch_size)
+        correct = val_correct(model, job, job.batch_size)
         curve.append((k, correct / n_val))
         emit(ProgressEvent("prune", step=k // step, total=channels // step, values={"val_acc": correct / n_val}))
         if accuracy_dropped(base, correct, n_val, cfg.prune.alpha):

@@ -19,7 +19,8 @@ def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer
     return finetune(job.loaded.model, t["train"], t["train_y"], t["val"], t["val_y"], tune_cfg, keep, cfg.seed,
                     lambda e, loss: emit(ProgressEvent("finetune", step=e, total=tune_cfg.max_epochs,
                                                        values={"val_loss": loss})),
-                    loss_fn=loss_fn, make_optimizer=make_optimizer, reference_correct=reference_correct, procs=job.procs)
+                    loss_fn=loss_fn, make_optimizer=make_optimizer, reference_correct=reference_correct, procs=job.procs,
+                    chunk_size=job.batch_size)
 
 
 def defend(job, cfg, emit) -> Defence:

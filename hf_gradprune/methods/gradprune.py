@@ -25,7 +25,7 @@ def defend(job, cfg, emit) -> Defence:
         raise UserError(f"MODEL {job.loaded.source}: no prunable units found (conv filters into a batch norm, MLP "
                         "neurons, attention heads); fine-tune without pruning: --method ft")
     # what a triggered image should give: the original model's output on its CLEAN twin, taken before any change
-    clean_outputs = probabilities(model, t["train"], cfg.batch_size) if cfg.tune.distill > 0 else None
+    clean_outputs = probabilities(model, t["train"], job.batch_size) if cfg.tune.distill > 0 else None
     if cfg.prune.max_rounds:
         emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {describe_units(pruner.counts())}"))
 
@@ -33,13 +33,13 @@ def defend(job, cfg, emit) -> Defence:
         emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer} {r.kind} {r.index}",
                            values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss, "val_asr": r.val_asr}))
     pruned = gradient_prune(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], t["val_y"],
-                            cfg.prune, job.target, cfg.batch_size, on_round, job.procs, train_clean=t["train"])
+                            cfg.prune, job.target, job.batch_size, on_round, job.procs, train_clean=t["train"])
     timing["prune"] = time.perf_counter() - start
     timing["per_round"] = timing["prune"] / max(1, len(pruned.rounds))
     if cfg.measure_floor:
         checked = ((t["val"], t["trig_val"]) if cfg.prune.check_on == "val" else
                    (torch.cat([t["val"], t["train"]]), torch.cat([t["trig_val"], t["trig_train"]])))
-        timing["round_floor"] = round_floor(model, pruner, t["trig_train"], t["train_y"], *checked, cfg.batch_size)
+        timing["round_floor"] = round_floor(model, pruner, t["trig_train"], t["train_y"], *checked, job.batch_size)
     start = time.perf_counter()
     emit(ProgressEvent("finetune", total=cfg.tune.max_epochs, message="fine-tuning on clean + triggered images"))
     make_optimizer = None
@@ -52,7 +52,8 @@ def defend(job, cfg, emit) -> Defence:
                                                         values={"val_loss": loss})), procs=job.procs,
                      reference_correct=round(pruned.base_val_acc * len(t["val_y"])), val_triggered=t["trig_val"],
                      make_optimizer=make_optimizer,
-                     soft_targets=None if clean_outputs is None else torch.cat([clean_outputs, clean_outputs]))
+                     soft_targets=None if clean_outputs is None else torch.cat([clean_outputs, clean_outputs]),
+                     chunk_size=job.batch_size)
     timing["finetune"] = time.perf_counter() - start
     layers = len({p["layer"] for p in pruned.pruned})
     where = "validation split" if cfg.prune.check_on == "val" else "clean few-shot images (train + validation)"
