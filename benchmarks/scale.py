@@ -5,7 +5,7 @@
                                [--batch-size auto] [--results benchmarks/results/scale-<tag>]
 
 Random weights (time and memory do not depend on them). Each cell runs in its own process, so its peak resident
-memory (ru_maxrss) is the job's alone: load the Hub-layout folder, decode the few-shot draw at 224 px, choose the
+memory (ru_maxrss; Linux carries a parent's peak into its child, and this parent holds only numpy) is the job's alone: load the Hub-layout folder, decode the few-shot draw at 224 px, choose the
 batch (`--batch-size auto` unless given), prune `--rounds` rounds (Grad-Prune's engine, BadNets trigger, target 0),
 then time the floor: one plain forward+backward over the training images + one forward over the checked images
 (hf_gradprune.prune.round_floor), median of `--floor-repeats`. `--full-job` runs the whole CLI job instead

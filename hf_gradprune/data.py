@@ -16,13 +16,19 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .streaming import StreamedImages
 
 
 @dataclass
 class PixelSet:
-    """Images at the model's input size as uint8 (N, 3, H, W) with their true labels."""
-    pixels: torch.Tensor
+    """Images at the model's input size as uint8 (N, 3, H, W) with their true labels; a test set too large to hold
+    is a StreamedImages (decoded a chunk at a time) in place of the tensor."""
+    pixels: torch.Tensor | StreamedImages
     labels: torch.Tensor
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.pixels, StreamedImages)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -171,6 +177,18 @@ def decode(split, rows: list[int], image_column: str, label_column: str,
         labels.extend(int(y) if label_map is None else label_map[int(y)] for y in batch[label_column])
     stacked = np.concatenate(pixels) if pixels else to_pixels([Image.new("RGB", (8, 8))])[:0]
     return PixelSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.long))
+
+
+def decode_streamed(split, rows: list[int], image_column: str, label_column: str,
+                    to_pixels: Callable[[list[Image.Image]], np.ndarray], label_map: list[int] | None = None,
+                    background: bool = True) -> PixelSet:
+    """As `decode`, but the images are decoded a chunk at a time when they are measured (streaming.py); only the
+    labels are read now. `background`: decode ahead in threads (when the model is not on the CPU)."""
+    labels = np.asarray(split[label_column], dtype=np.int64)[np.asarray(rows, dtype=np.int64)]
+    if label_map is not None:
+        labels = np.asarray(label_map, dtype=np.int64)[labels]
+    return PixelSet(StreamedImages.from_rows(split, rows, image_column, to_pixels, background),
+                    torch.from_numpy(labels))
 
 
 def eval_rows(n: int, exclude: set[int], limit: int | None, seed: int) -> list[int]:

@@ -129,7 +129,8 @@ class Prepared:
     loaded: LoadedModel
     data: FewShot
     meta: dict
-    tensors: dict[str, torch.Tensor]  # train/val/test pixels (uint8), their triggered twins, labels
+    tensors: dict[str, torch.Tensor]  # train/val/test pixels (uint8), their triggered twins, labels; test and
+    # trig_test are StreamedImages (decoded a chunk at a time) when the test set is too large to hold
     target: int  # the class the defence works against (under --blind: the one the scan found)
     target_auto: bool
     trigger: str

@@ -24,6 +24,7 @@ AUTO = "auto"
 CPU_BUDGET = 2 * 2**30  # bytes of activations on the CPU: a laptop's share; past ~16 images a CPU gains no speed
 GPU_SHARE = 0.6  # of the device's free memory (the optimiser, gradients and fragmentation take the rest)
 MAX_BATCH = 256  # the old fixed default; larger batches only cost memory
+HELD_TEST_BYTES = 2**30  # a test set (clean + triggered twin, uint8) larger than this is streamed, not held
 BACKWARD_FACTOR = 2.0  # peak / saved bytes of one fwd + bwd (the gradients of the saved activations in flight)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -140,3 +141,10 @@ def choose_batch_size(model: nn.Module, example: torch.Tensor, device: torch.dev
     fixed = max(0, one - per_image)
     fits = int((budget - BACKWARD_FACTOR * fixed) // (BACKWARD_FACTOR * per_image))
     return BatchChoice(max(1, min(limit, fits)), budget, per_image, fixed, f"auto ({device.type}: {why})")
+
+
+def stream_test(n_images: int, input_size: tuple[int, int]) -> bool:
+    """Whether the test set is decoded a chunk at a time: when holding it and its triggered twin as uint8 would take
+    more than HELD_TEST_BYTES (at 224 px, about 3,500 images). Decoding each image again per measurement costs
+    less than gigabytes that would otherwise set the job's memory."""
+    return 2 * n_images * 3 * input_size[0] * input_size[1] > HELD_TEST_BYTES

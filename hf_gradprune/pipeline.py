@@ -20,17 +20,19 @@ import torch
 
 from . import __version__
 from .card import render_card
-from .data import FewShot, PixelSet, align_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
+from .data import (FewShot, PixelSet, align_classes, decode, decode_streamed, draw_few_shot, eval_rows, find_columns,
+                   load_splits)
 from .errors import UserError
 from .hub import LOCAL_FILE, LoadedModel, load_model, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
 from .job import JobConfig, JobResult, Prepared
-from .memory import AUTO, BatchChoice, choose_batch_size
+from .memory import AUTO, BatchChoice, choose_batch_size, stream_test
 from .methods import METHODS, Defence, defend
 from .names import hub_id_of, local_name, model_name, public_name
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .recipes import describe as describe_recipe
+from .streaming import stamp_images
 from .synth import ScanResult, resynthesise, scan, stamp_twins, usable_triggers, verdict
 from .triggers import UNKNOWN, make_trigger
 
@@ -74,7 +76,8 @@ def _resolve_target(spec: str, loaded: LoadedModel, class_names: list[str] | Non
     return idx
 
 
-def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True) -> tuple[FewShot, dict]:
+def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True,
+               device: torch.device | None = None) -> tuple[FewShot, dict]:
     splits = load_splits(cfg.data, cfg.data_revision)
     if cfg.split not in splits:
         raise UserError(f"--split {cfg.split}: not in {cfg.data} (splits: {list(splits)})")
@@ -101,12 +104,16 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True) -> t
     if cfg.eval_limit is not None and cfg.eval_limit < 1:
         raise UserError(f"--eval-limit {cfg.eval_limit}: must be at least 1")
     test_idx = eval_rows(len(test_split), exclude, cfg.eval_limit, cfg.seed) if with_test else []
+    streamed = stream_test(len(test_idx), loaded.input_size)  # too large to hold: decoded a chunk at a time
+    background = device is not None and device.type != "cpu"  # on a CPU the model needs the cores more
+    test = decode_streamed(test_split, test_idx, image_col, label_col, loaded.to_pixels, label_map, background) \
+        if streamed else decode(test_split, test_idx, image_col, label_col, loaded.to_pixels, label_map=label_map)
     data = FewShot(*(decode(split, rows, image_col, label_col, loaded.to_pixels, label_map=label_map)
-                     for split, rows in ((pool, train_idx), (pool, val_idx), (test_split, test_idx))),
+                     for split, rows in ((pool, train_idx), (pool, val_idx))), test,
                    train_idx, val_idx, test_idx, class_names, eval_name, label_map)
     meta = {"dataset": cfg.data_shown, "hub_id": hub_id_of(cfg.data, cfg.data_id), "revision": cfg.data_revision,
             "split": cfg.split, "test_split": eval_name, "image_column": image_col,
-            "label_column": label_col, "class_names": class_names}
+            "label_column": label_col, "class_names": class_names, "test_streamed": streamed}
     if label_map is not None:
         meta["class_alignment"] = {
             "note": f"the dataset lists the model's {len(label_map)} classes in another order; its labels were "
@@ -130,14 +137,16 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: 
             if max(rows, default=-1) >= len(split):
                 raise UserError(f"--backdoor-data {cfg.backdoor_data}: split '{split_name}' has {len(split)} rows, fewer than "
                                 "--data; it must be row-aligned with --data")
-            twin = decode(split, rows, img_col, lab_col, loaded.to_pixels, label_map=data.label_map)
+            twin = decode_streamed(split, rows, img_col, lab_col, loaded.to_pixels, data.label_map,
+                                   clean.pixels.decoder.background) if clean.streamed else \
+                decode(split, rows, img_col, lab_col, loaded.to_pixels, label_map=data.label_map)
             if not torch.equal(twin.labels, clean.labels):
                 raise UserError(f"--backdoor-data {cfg.backdoor_data}: labels differ from --data in split '{split_name}'; "
                                 "rows must be triggered copies of the same images with their true labels")
             out.append(twin)
         return out[0], out[1], out[2], f"defender's triggered copies from {public_name(cfg.backdoor_data)}"
     stamp = make_trigger(cfg.trigger, loaded.input_size)
-    out = [PixelSet(stamp(s.pixels), s.labels) for s in (data.train, data.val, data.test)]
+    out = [PixelSet(stamp_images(stamp, s.pixels), s.labels) for s in (data.train, data.val, data.test)]
     return out[0], out[1], out[2], cfg.trigger.describe()
 
 
@@ -174,7 +183,7 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
     model = loaded.model
     emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data_shown}"))
     with procs.main_first():
-        data, meta = _load_data(cfg, loaded)
+        data, meta = _load_data(cfg, loaded, device=procs.device)
     target = _resolve_target(cfg.target, loaded, data.class_names)
     batch = _batch_choice(cfg, loaded, data.train.pixels[:1], procs)
     found = None
@@ -205,11 +214,12 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
             if target is None:  # ASR counts against the real trigger's target (found from it, for measuring only)
                 measure_target = _auto_target(model, real[:2], loaded.num_classes, batch.batch_size, procs.device)
         else:
-            trig_test = PixelSet(found.trigger(data.test.pixels), data.test.labels)
+            trig_test = PixelSet(stamp_images(found.trigger, data.test.pixels), data.test.labels)
             trigger_desc = f"{stamped}. The real trigger is unknown: ASR / RA are measured with the first of these"
     model.to(procs.device)
-    # the few-shot images live on the device (every round reads them); the test set stays in host memory and goes
-    # to the device a chunk at a time (metrics.attack_metrics), so its size never bounds the device's memory
+    # the few-shot images live on the device (every round reads them); the test set stays in host memory (or, when
+    # too large to hold, is decoded a chunk at a time: streaming.py) and goes to the device a chunk at a time
+    # (metrics.attack_metrics), so its size bounds neither the device's memory nor the host's
     tensors = {**{k: v.to(procs.device) for k, v in {
         "train": data.train.pixels, "train_y": data.train.labels, "trig_train": trig_train.pixels,
         "val": data.val.pixels, "val_y": data.val.labels, "trig_val": trig_val.pixels}.items()},

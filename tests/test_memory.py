@@ -121,3 +121,54 @@ def test_two_local_folders_with_one_name_are_two_datasets(tmp_path):
     x, y = np.zeros((8, 8, 8, 3), np.uint8), np.repeat(np.arange(4), 2)
     write_hub_dataset(tmp_path / "p3" / "data", {"train": (x, y)}, [f"c{i}" for i in range(4)])
     assert load_splits(str(tmp_path / "p3" / "data"))["train"].features["label"].num_classes == 4
+
+
+def test_streamed_images_are_the_decoded_images_chunk_by_chunk(timm_backdoor):
+    """A test set too large to hold is decoded a chunk at a time: the same pixels as decoding it whole, in slices,
+    single images and index lists, with the trigger stamped per chunk; a chunk measured clean and triggered is
+    decoded once, and N processes' strided chunks (prefetched ahead) are the right rows."""
+    from hf_gradprune.data import decode, decode_streamed
+    from hf_gradprune.hub import load_model
+    from hf_gradprune.metrics import attack_metrics
+    from hf_gradprune.triggers import TriggerSpec, make_trigger
+
+    loaded = load_model(str(timm_backdoor["model"]))
+    test = load_splits(str(timm_backdoor["data"]))["test"]
+    rows = list(range(3, 203, 2))
+    held = decode(test, rows, "image", "label", loaded.to_pixels)
+    streamed = decode_streamed(test, rows, "image", "label", loaded.to_pixels)
+    assert streamed.streamed and not held.streamed and len(streamed.pixels) == len(held.pixels) == 100
+    assert torch.equal(streamed.labels, held.labels)
+    assert torch.equal(torch.cat([streamed.pixels[s:s + 16] for s in range(0, 100, 16)]), held.pixels)
+    assert torch.equal(streamed.pixels[7], held.pixels[7]) and torch.equal(streamed.pixels[[9, 2, 50]], held.pixels[[9, 2, 50]])
+    for stride in (2, 3):  # process 1 of 2 (or 3) takes chunks 1, 1 + N, ...: prefetched ahead by that stride
+        for s in range(16, 100, 16 * stride):
+            assert torch.equal(streamed.pixels[s:s + 16], held.pixels[s:s + 16])
+    in_line = decode_streamed(test, rows, "image", "label", loaded.to_pixels, background=False)  # a job on a CPU
+    assert torch.equal(torch.cat([in_line.pixels[s:s + 16] for s in range(0, 100, 16)]), held.pixels)
+    stamp = make_trigger(TriggerSpec(kind="badnet"), loaded.input_size)
+    twin = streamed.pixels.stamped(stamp)
+    assert torch.equal(twin[0:100], stamp(held.pixels))
+    decoder = streamed.pixels.decoder
+    before = decoder.decoded_images
+    whole = attack_metrics(loaded.model, held.pixels, stamp(held.pixels), held.labels, 0, batch_size=16)
+    chunked = attack_metrics(loaded.model, streamed.pixels, twin, streamed.labels, 0, batch_size=16)
+    assert chunked == whole and whole.asr > 0.9
+    assert decoder.decoded_images - before <= 100 + 16  # each image once (one chunk may have been prefetched before)
+
+
+def test_a_test_set_too_large_to_hold_is_streamed_with_the_same_result(timm_backdoor, timm_result, tmp_path,
+                                                                       monkeypatch):
+    """The job with its test set streamed measures, prunes and reports exactly what it does with the set held."""
+    from hf_gradprune import memory
+    from conftest import PRUNING
+    _, held = timm_result
+    assert held["data"]["test_streamed"] is False
+    monkeypatch.setattr(memory, "HELD_TEST_BYTES", 0)
+    out = tmp_path / "streamed"
+    assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet", *PRUNING) == 0
+    streamed = read_report(out)
+    assert streamed["data"]["test_streamed"] is True
+    assert (streamed["before"], streamed["after"]) == (held["before"], held["after"])
+    assert [(p["layer"], p["index"]) for p in streamed["pruned"]] == [(p["layer"], p["index"]) for p in held["pruned"]]
+    assert streamed["preview"] == held["preview"]
