@@ -33,8 +33,11 @@ class _Decoder:
         self.split, self.rows, self.image_column, self.to_pixels = split, np.asarray(rows, dtype=np.int64), image_column, to_pixels
         self.background = background  # decode the next chunk ahead, the parts of a chunk in parallel threads
         self.workers = max(1, workers or min(4, os.cpu_count() or 1)) if background else 1
-        self._pool: ThreadPoolExecutor | None = None  # decodes the parts of a chunk in parallel (PIL frees the GIL)
-        self._ahead: ThreadPoolExecutor | None = None  # decodes the next chunk while this one is measured
+        # threads start only when first used: one decodes the next chunk while this one is measured, the pool
+        # decodes the parts of a chunk in parallel (PIL frees the GIL while it decodes and resizes)
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="hf-gradprune-prefetch") if background else None
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hf-gradprune-decode") \
+            if self.workers > 1 else None
         self._lock = threading.Lock()
         self._last: tuple[tuple[int, int], torch.Tensor] | None = None
         self._next: tuple[tuple[int, int], Future] | None = None
@@ -49,11 +52,9 @@ class _Decoder:
         return torch.from_numpy(self.to_pixels(images)) if images else torch.zeros(0, dtype=torch.uint8)
 
     def decode(self, rows: np.ndarray) -> torch.Tensor:
-        if self.workers == 1 or len(rows) < 2 * self.workers:
+        if self._pool is None or len(rows) < 2 * self.workers:
             out = self._decode_rows(rows)
         else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hf-gradprune-decode")
             out = torch.cat(list(self._pool.map(self._decode_rows, np.array_split(rows, self.workers))))
         with self._lock:
             self.decoded_images += len(rows)
@@ -76,18 +77,10 @@ class _Decoder:
         stride = start - self._prev_start if self._prev_start is not None and start > self._prev_start else end - start
         self._prev_start = start
         nxt = (start + stride, min(end + stride, len(self.rows)))
-        if self.background and nxt[0] < len(self.rows):
-            if self._ahead is None:
-                self._ahead = ThreadPoolExecutor(1, thread_name_prefix="hf-gradprune-prefetch")
+        if self._ahead is not None and nxt[0] < len(self.rows):
             self._next = (nxt, self._ahead.submit(self.decode, self.rows[nxt[0]:nxt[1]]))
         self._last = (key, pixels)
         return pixels
-
-    def close(self) -> None:
-        """Forget the kept chunks (the threads stay, idle, for the next pass)."""
-        if self._next is not None:
-            self._next[1].cancel()
-        self._last = self._next = self._prev_start = None
 
 
 class StreamedImages:
