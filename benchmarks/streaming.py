@@ -45,7 +45,7 @@ def build(arch: str, images: int, source_size: int) -> tuple[Path, Path]:
 
 def mode_row(mode: str, arch: str, images: int, source_size: int) -> dict:
     import torch
-    from hf_gradprune.data import decode, decode_streamed, load_splits
+    from hf_gradprune.data import decode, load_splits
     from hf_gradprune.hub import load_model
     from hf_gradprune.memory import choose_batch_size
     from hf_gradprune.metrics import attack_metrics
@@ -60,12 +60,9 @@ def mode_row(mode: str, arch: str, images: int, source_size: int) -> dict:
     batch = choose_batch_size(loaded.model, example, torch.device("cpu"), None).batch_size
     base_rss = peak_rss_gib()
     t0 = time.perf_counter()
-    if mode == "held":
-        data = decode(test, rows, "image", "label", loaded.to_pixels)
-        twin = stamp_images(stamp, data.pixels)
-    else:
-        data = decode_streamed(test, rows, "image", "label", loaded.to_pixels, background=mode == "streamed-bg")
-        twin = stamp_images(stamp, data.pixels)
+    data = decode(test, rows, "image", "label", loaded.to_pixels, streamed=mode != "held",
+                  background=mode == "streamed-bg")
+    twin = stamp_images(stamp, data.pixels)
     decode_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     metrics = attack_metrics(loaded.model, data.pixels, twin, data.labels, 0, batch)

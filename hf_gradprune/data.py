@@ -166,9 +166,11 @@ def draw_few_shot(labels: np.ndarray, num_classes: int, spc: int, val_ratio: flo
 
 def decode(split, rows: list[int], image_column: str, label_column: str,
            to_pixels: Callable[[list[Image.Image]], np.ndarray], chunk: int = 512,
-           label_map: list[int] | None = None) -> PixelSet:
+           label_map: list[int] | None = None, streamed: bool = False, background: bool = True) -> PixelSet:
     """Decode rows through the model's own preprocessing, once; every later step works on these tensors.
-    `label_map`: dataset label -> the model's (align_classes)."""
+    `label_map`: dataset label -> the model's (align_classes). `streamed`: decode_streamed instead."""
+    if streamed:
+        return decode_streamed(split, rows, image_column, label_column, to_pixels, label_map, background)
     sub = split.select(rows) if rows is not None else split
     pixels, labels = [], []
     for start in range(0, len(sub), chunk):

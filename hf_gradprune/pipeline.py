@@ -20,8 +20,7 @@ import torch
 
 from . import __version__
 from .card import render_card
-from .data import (FewShot, PixelSet, align_classes, decode, decode_streamed, draw_few_shot, eval_rows, find_columns,
-                   load_splits)
+from .data import FewShot, PixelSet, align_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
 from .hub import LOCAL_FILE, LoadedModel, load_model, save_model, source_card_license
 from .metrics import attack_metrics, pick_target, predict
@@ -106,8 +105,8 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True,
     test_idx = eval_rows(len(test_split), exclude, cfg.eval_limit, cfg.seed) if with_test else []
     streamed = stream_test(len(test_idx), loaded.input_size)  # too large to hold: decoded a chunk at a time
     background = device is not None and device.type != "cpu"  # on a CPU the model needs the cores more
-    test = decode_streamed(test_split, test_idx, image_col, label_col, loaded.to_pixels, label_map, background) \
-        if streamed else decode(test_split, test_idx, image_col, label_col, loaded.to_pixels, label_map=label_map)
+    test = decode(test_split, test_idx, image_col, label_col, loaded.to_pixels, label_map=label_map, streamed=streamed,
+                  background=background)
     data = FewShot(*(decode(split, rows, image_col, label_col, loaded.to_pixels, label_map=label_map)
                      for split, rows in ((pool, train_idx), (pool, val_idx))), test,
                    train_idx, val_idx, test_idx, class_names, eval_name, label_map)
@@ -137,9 +136,8 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: 
             if max(rows, default=-1) >= len(split):
                 raise UserError(f"--backdoor-data {cfg.backdoor_data}: split '{split_name}' has {len(split)} rows, fewer than "
                                 "--data; it must be row-aligned with --data")
-            twin = decode_streamed(split, rows, img_col, lab_col, loaded.to_pixels, data.label_map,
-                                   clean.pixels.decoder.background) if clean.streamed else \
-                decode(split, rows, img_col, lab_col, loaded.to_pixels, label_map=data.label_map)
+            twin = decode(split, rows, img_col, lab_col, loaded.to_pixels, label_map=data.label_map,
+                          streamed=clean.streamed, background=clean.streamed and clean.pixels.decoder.background)
             if not torch.equal(twin.labels, clean.labels):
                 raise UserError(f"--backdoor-data {cfg.backdoor_data}: labels differ from --data in split '{split_name}'; "
                                 "rows must be triggered copies of the same images with their true labels")
