@@ -167,6 +167,7 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
 
 def _scan_row(scan: dict, real_target: int) -> dict:
     return {"unlearning_rounds": len((scan.get("unlearning") or {}).get("rounds", [])) or None,
+            "rounds": (scan.get("unlearning") or {}).get("rounds"),
             "backdoored": scan["backdoored"], "target": scan["target"], "real_target": real_target,
             "target_found": scan["target"] == real_target, "anomaly_index": scan["anomaly_index"],
             "family": scan["family"], "scan_s": scan["timing_s"]["scan"],

@@ -46,6 +46,12 @@ VARIANTS: dict[str, tuple] = {
     "r-unbounded": ("robust", {}, {"select": "unlearning"},
                     "robust keeping the epoch with the lowest clean + unlearning validation loss, no accuracy bound"),
     "r-bneval": ("robust", {}, {"frozen_norm_stats": True}, "robust with batch-norm statistics frozen while fine-tuning"),
+    # --- the trigger unknown (run with --blind): the robust recipe against a synthesised trigger fine-tunes for about
+    # recipes.SYNTHESISED_TUNE_STEPS optimiser steps per round; these are the same defence with another length
+    "s-epochs100": ("robust", {}, {"max_steps": None},
+                    "the trigger-unknown defence before the step budget: up to 100 epochs per round (cosine over 100)"),
+    # the step budget on the known trigger (robust keeps 100 epochs there)
+    "r-steps80": ("robust", {}, {"max_steps": 80}, "robust, fine-tuning for about 80 optimiser steps (cosine over them)"),
     "r-val30": ("robust", {}, {}, "robust with 3 of the SPC images per class for validation (--val-ratio 0.3)",
                 {"val_ratio": 0.3}),
 }

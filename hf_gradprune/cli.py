@@ -138,6 +138,10 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                              "augmentation; ft/fp/nad/ftsam lr 0.01 cosine, crop-flip)")
     g.add_argument("--tune-patience", type=int, help="Pt: early-stop patience on the val loss (default 10)")
     g.add_argument("--max-epochs", type=int, help="default 100")
+    g.add_argument("--max-steps", type=int,
+                   help="end fine-tuning (and its cosine schedule) after about this many optimiser steps, at most "
+                        "--max-epochs; 0: no step limit (default: 80 for Grad-Prune against a synthesised trigger, "
+                        "else none)")
     g.add_argument("--lr", type=float)
     g.add_argument("--tune-batch-size", type=int, help="default 128")
     g.add_argument("--distill", type=float,
@@ -336,7 +340,8 @@ def job_config(argv: list[str], raising: bool = False) -> tuple["JobConfig", arg
     from .pipeline import JobConfig
     args = _main_parser(_RaisingParser if raising else argparse.ArgumentParser).parse_args(argv)
     trigger = TriggerSpec(args.trigger, args.trigger_image, args.trigger_mask, args.blend_alpha, args.bpp_levels)
-    prune, tune = recipe_configs(args.recipe, train_per_class(args.spc, args.val_ratio))
+    prune, tune = recipe_configs(args.recipe, train_per_class(args.spc, args.val_ratio),
+                                 synthesised=args.blind or args.trigger == UNKNOWN)
     cfg = JobConfig(model=args.model, data=args.data, output=args.output, revision=args.revision,
                     data_revision=args.data_revision, split=args.split, eval_split=args.eval_split,
                     image_column=args.image_column, label_column=args.label_column, spc=args.spc,
@@ -393,7 +398,8 @@ def _tune(defaults: TuneConfig, args) -> TuneConfig:
     """The fine-tuning flags override the chosen method's defaults only where given."""
     given = {"lr": args.lr, "batch_size": args.tune_batch_size, "patience": args.tune_patience,
              "max_epochs": args.max_epochs, "augment": args.augment}
-    return replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    tune = replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    return tune if args.max_steps is None else replace(tune, max_steps=args.max_steps or None)
 
 
 def _check_numbers(args) -> None:
@@ -407,6 +413,8 @@ def _check_numbers(args) -> None:
             raise UserError(f"{flag} {value}: must be at least 1")
     if args.max_epochs is not None and args.max_epochs < 0:
         raise UserError(f"--max-epochs {args.max_epochs}: must be 0 or more")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise UserError(f"--max-steps {args.max_steps}: must be 0 (no step limit) or more")
     if args.distill is not None and args.distill < 0:
         raise UserError(f"--distill {args.distill}: must be 0 or more")
     if args.lr is not None and args.lr <= 0:

@@ -8,6 +8,7 @@ A method changes the loss (`loss_fn`) or the optimiser (`make_optimizer`), never
 from __future__ import annotations
 
 import contextlib
+import math
 
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -30,6 +31,9 @@ class TuneConfig:
     batch_size: int = 128
     patience: int = 10  # Pt
     max_epochs: int = 100
+    max_steps: int | None = None  # the run (and the cosine schedule) ends after about this many optimiser steps:
+    #                               ceil(max_steps / steps per epoch) epochs, at most max_epochs. Sets the length by
+    #                               how far the weights move, whatever the number of classes (None: max_epochs)
     schedule: str = "constant"  # "cosine": CosineAnnealingLR over max_epochs, as BackdoorBench's defences
     augment: str = "none"  # "crop": random crop with zero padding of 1/8 of the side; "crop-flip": + horizontal flip
     label_smoothing: float = 0.0
@@ -131,7 +135,8 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
             return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (make_optimizer or _sgd)(params, cfg)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.max_epochs)) \
+    epochs = run_epochs(cfg, len(labels))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs)) \
         if cfg.schedule == "cosine" else None  # stepped by hand once per epoch, on the unwrapped optimiser
     gen = torch.Generator().manual_seed(seed)
     n_val = max(1, len(val_labels))
@@ -154,7 +159,7 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     smallest = max(2, procs.world)  # BatchNorm cannot train on one image; every process needs one
     chunk = max(2, chunk_size)
     with synced_batch_norm(model, procs):
-        for epoch in range(1, cfg.max_epochs + 1):
+        for epoch in range(1, epochs + 1):
             train_model.train()
             if cfg.frozen_norm_stats:
                 for m in model.modules():
@@ -216,6 +221,14 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def run_epochs(cfg: TuneConfig, n_rows: int) -> int:
+    """The epochs a run takes: max_epochs, or fewer where max_steps optimiser steps are reached first."""
+    if cfg.max_steps is None:
+        return cfg.max_epochs
+    per_epoch = max(1, math.ceil(n_rows / cfg.batch_size))
+    return min(cfg.max_epochs, max(1, math.ceil(cfg.max_steps / per_epoch)))
 
 
 def _prepare(model: nn.Module, opt: torch.optim.Optimizer, procs: Procs):

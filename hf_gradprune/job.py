@@ -89,7 +89,7 @@ class JobConfig:
     scan: ScanConfig = field(default_factory=ScanConfig)
 
     def __post_init__(self):
-        prune, tune = recipe_configs(self.recipe, train_per_class(self.spc, self.val_ratio))
+        prune, tune = recipe_configs(self.recipe, train_per_class(self.spc, self.val_ratio), self.synthesises)
         self.prune = self.prune or prune
         self.tune = self.tune or tune
 

@@ -32,7 +32,7 @@ from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .recipes import describe as describe_recipe
 from .streaming import stamp_images
-from .synth import ScanResult, resynthesise, scan, stamp_twins, usable_triggers, verdict
+from .synth import ScanResult, resynthesise, scan, stamp_twins, standing, usable_triggers, verdict
 from .triggers import UNKNOWN, make_trigger
 
 REPORT_FILE = "gradprune_report.json"
@@ -369,15 +369,20 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
     for r in range(2, sc.rounds + 1):
         emit(ProgressEvent("scan", message=f"round {r}: re-synthesising the triggers of class {job.target}"))
         fresh = resynthesise(job.loaded.model, pixels, labels, job.target, sc, r)
+        # how far the target still stands out after the last round (the scan's index): recorded, not acted on; ending
+        # the rounds on it was measured and rejected (README "When you do not know the trigger")
+        stands = standing(job.scan, fresh)
         if not fresh:
-            rounds.append({"round": r, "triggers": [], "note": "no trigger reaches the flip goal any more"})
+            rounds.append({"round": r, "triggers": [], "target_anomaly": stands,
+                           "note": "no trigger reaches the flip goal any more"})
             break
         triggers += fresh
         t["trig_train"], t["trig_val"] = stamp_twins(triggers, t["train"]), stamp_twins(triggers, t["val"])
         if sc.rounds_from == "original":
             job.loaded.model.load_state_dict(original)
         defence = defend(cfg.method, job, cfg, emit)
-        rounds.append({"round": r, "triggers": [x.describe() for x in fresh], "finetune_epochs": _epochs(defence)})
+        rounds.append({"round": r, "triggers": [x.describe() for x in fresh], "target_anomaly": stands,
+                       "finetune_epochs": _epochs(defence)})
     return {"rounds": rounds, "rounds_from": sc.rounds_from, "defence": defence}
 
 

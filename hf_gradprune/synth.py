@@ -316,6 +316,15 @@ def resynthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, t
     return [t for t in found if t.size < 1.0]
 
 
+def standing(result: ScanResult, fresh: list[Synthesised]) -> float:
+    """The scan's anomaly index of the target's re-synthesised triggers among the scan's other classes (the product
+    of the two families' sizes; a family that no longer reaches the flip goal counts as the whole image): whether
+    the target still stands out after a round of unlearning."""
+    sizes = {t.family: t.size for t in fresh}
+    others = [c["patch_size"] * c["blend_size"] for c in result.per_class if c["class"] != result.defence_target]
+    return _anomaly(others + [float(np.prod([sizes.get(f, 1.0) for f in FAMILIES]))])[-1]
+
+
 def stamp_twins(triggers: list[Synthesised], x: torch.Tensor) -> torch.Tensor:
     """Triggered twins of uint8 images: row i gets trigger i mod n, so every trigger is unlearned."""
     out = x.clone()

@@ -143,6 +143,37 @@ def test_robust_recipe_prunes_only_below_five_training_images_per_class():
     assert cfg.prune.max_rounds == 3
 
 
+def test_a_synthesised_trigger_fine_tunes_for_a_step_budget_not_100_epochs():
+    """Against a synthesised trigger the robust recipe's fine-tuning is about SYNTHESISED_TUNE_STEPS optimiser steps
+    long: 100 epochs are 200 steps on CIFAR-10's 10 classes at SPC 10 but 700 on GTSRB's 43. The known trigger and
+    the paper's recipe keep their epochs; --max-steps sets it (0: no step limit) for either."""
+    from hf_gradprune.finetune import run_epochs
+    from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
+    assert recipe_configs("robust", 9, synthesised=True)[1] == replace(recipe_configs("robust", 9)[1],
+                                                                       max_steps=SYNTHESISED_TUNE_STEPS)
+    assert recipe_configs("robust", 9)[1].max_steps is None
+    assert recipe_configs("paper", 9, synthesised=True) == recipe_configs("paper", 9)
+    for argv, steps in (([], None), (["--trigger", "unknown"], SYNTHESISED_TUNE_STEPS), (["--blind"], SYNTHESISED_TUNE_STEPS),
+                        (["--trigger", "unknown", "--max-steps", "0"], None), (["--max-steps", "30"], 30)):
+        assert job_config(["m", "--data", "d", *argv])[0].tune.max_steps == steps, argv
+    assert JobConfig(model="m", data="d", blind=True).tune.max_steps == SYNTHESISED_TUNE_STEPS
+    # CIFAR-10 and GTSRB at SPC 10: 90 and 387 training images, each with its triggered twin, batches of 128
+    tune = TuneConfig(max_steps=80)
+    assert [run_epochs(tune, 2 * n) for n in (90, 387)] == [40, 12]
+    assert run_epochs(replace(tune, max_epochs=10), 180) == 10 and run_epochs(TuneConfig(), 180) == 100
+
+
+def test_fine_tuning_takes_the_epochs_its_step_budget_gives():
+    import torch.nn as nn
+    from hf_gradprune.finetune import finetune, run_epochs
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(40, 3, 2, 2), torch.arange(40) % 3
+    cfg = TuneConfig(lr=0.1, batch_size=8, max_steps=12, patience=100, schedule="cosine")  # 5 steps an epoch
+    result = finetune(net, x, y, x[:6], y[:6], cfg, None, seed=0)
+    assert result.epochs == run_epochs(cfg, 40) == 3 and len(result.val_losses) == 4
+
+
 def test_check_stats_add_up_exactly():
     a, b = CheckStats(3, 1.5, 2, 4, 3), CheckStats(1, 0.5, 0, 2, 1)
     total = a + b

@@ -14,9 +14,11 @@ from PIL import Image
 
 from conftest import read_report, run_cli
 from hf_gradprune.demo import build_backdoored_digits, digits, noise_pattern
+from hf_gradprune.finetune import TuneConfig, run_epochs
 from hf_gradprune.hub import load_model
 from hf_gradprune.metrics import attack_metrics
 from hf_gradprune.pipeline import SCAN_FILE, TRIGGER_FILE
+from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
 from hf_gradprune.triggers import TriggerSpec, make_trigger
 
 ALPHA = 0.10  # the default accuracy bound
@@ -112,6 +114,12 @@ def test_unknown_trigger_removes_the_real_backdoor(backdoors, attack, tmp_path):
     card = (out / "README.md").read_text()
     assert "The trigger was synthesised" in card and "measured with the synthesised trigger" in card
     assert f"]({TRIGGER_FILE})" in card
+    # each round fine-tunes for the synthesised-trigger step budget; each later round records how far the target
+    # still stood out before it
+    rounds = report["scan"]["unlearning"]["rounds"]
+    assert len(rounds) > 1 and all(isinstance(r["target_anomaly"], float) for r in rounds[1:])
+    budget = run_epochs(TuneConfig(max_steps=SYNTHESISED_TUNE_STEPS), 2 * report["data"]["n_train"])
+    assert all(r["finetune_epochs"] <= budget < 100 for r in rounds if "finetune_epochs" in r)
     # measured apart, with the attacker's trigger the defence never had
     before, after = real_metrics(b["model"], b["spec"]), real_metrics(out, b["spec"])
     assert before.asr > 0.9 and after.asr < 0.1, (before, after)

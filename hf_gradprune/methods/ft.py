@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from ..finetune import finetune
+from ..finetune import finetune, run_epochs
 from ..plot import plot_tuning
 from ..progress import ProgressEvent
 from . import Defence
@@ -15,9 +15,10 @@ def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer
                reference_correct=None):
     """The clean fine-tuning every fine-tuning baseline runs (FT, FP's repair, NAD's teacher and student, FT-SAM)."""
     t = job.tensors
-    emit(ProgressEvent("finetune", total=tune_cfg.max_epochs, message=what))
+    epochs = run_epochs(tune_cfg, len(t["train_y"]))
+    emit(ProgressEvent("finetune", total=epochs, message=what))
     return finetune(job.loaded.model, t["train"], t["train_y"], t["val"], t["val_y"], tune_cfg, keep, cfg.seed,
-                    lambda e, loss: emit(ProgressEvent("finetune", step=e, total=tune_cfg.max_epochs,
+                    lambda e, loss: emit(ProgressEvent("finetune", step=e, total=epochs,
                                                        values={"val_loss": loss})),
                     loss_fn=loss_fn, make_optimizer=make_optimizer, reference_correct=reference_correct, procs=job.procs,
                     chunk_size=job.batch_size)

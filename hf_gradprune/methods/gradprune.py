@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import torch
 
-from ..finetune import finetune, probabilities
+from ..finetune import finetune, probabilities, run_epochs
 from ..plot import plot_curve, plot_rounds
 from ..progress import ProgressEvent
 from ..errors import UserError
@@ -41,14 +41,15 @@ def defend(job, cfg, emit) -> Defence:
                    (torch.cat([t["val"], t["train"]]), torch.cat([t["trig_val"], t["trig_train"]])))
         timing["round_floor"] = round_floor(model, pruner, t["trig_train"], t["train_y"], *checked, job.batch_size)
     start = time.perf_counter()
-    emit(ProgressEvent("finetune", total=cfg.tune.max_epochs, message="fine-tuning on clean + triggered images"))
+    epochs = run_epochs(cfg.tune, 2 * len(t["train_y"]))
+    emit(ProgressEvent("finetune", total=epochs, message="fine-tuning on clean + triggered images"))
     make_optimizer = None
     if cfg.tune.sam_rho > 0:
         from .ftsam import sam_optimizer
         make_optimizer = sam_optimizer(cfg.tune.sam_rho)
     tuned = finetune(model, torch.cat([t["train"], t["trig_train"]]), torch.cat([t["train_y"], t["train_y"]]),
                      t["val"], t["val_y"], cfg.tune, pruner, cfg.seed,
-                     lambda e, loss: emit(ProgressEvent("finetune", step=e, total=cfg.tune.max_epochs,
+                     lambda e, loss: emit(ProgressEvent("finetune", step=e, total=epochs,
                                                         values={"val_loss": loss})), procs=job.procs,
                      reference_correct=round(pruned.base_val_acc * len(t["val_y"])), val_triggered=t["trig_val"],
                      make_optimizer=make_optimizer,
@@ -73,8 +74,10 @@ def defend(job, cfg, emit) -> Defence:
                    f"stopped after {len(pruned.rounds)} rounds "
                    f"({pruned.stop_reason}) and kept the round with the lowest unlearning loss within alpha = "
                    f"{cfg.prune.alpha}, both measured on the {where}.{skipped}")
+    length = (f"{cfg.tune.schedule} over {epochs} epochs: about {cfg.tune.max_steps} optimiser steps"
+              if cfg.tune.max_steps else cfg.tune.schedule)
     summary = (f"Recipe {cfg.recipe}. {pruning} Fine-tuning on clean + triggered images (lr {cfg.tune.lr:g}, "
-               f"{cfg.tune.schedule}; {targets(cfg.tune)}) ran {tuned.epochs} epochs and kept epoch "
+               f"{length}; {targets(cfg.tune)}) ran {tuned.epochs} epochs and kept epoch "
                f"{tuned.best_epoch} ({kept}).")
     return Defence(pruned.pruned, pruner.num_units, summary, pruned.to_dict(), tuned, timing,
                    lambda path: plot_rounds(pruned, cfg.prune.alpha, path) if pruned.rounds else
