@@ -4,7 +4,7 @@ target's standing before it (synth.standing: the scan's anomaly index of the re-
 
     python benchmarks/blind_rounds.py gtsrb badnet 0 '{"default": {}, "evidence": {"families": "evidence"}}'
 
-Options: "steps" (fine-tuning step budget, default 80), "families": "evidence" (stamp only the family that gave the
+Options: "steps" (fine-tuning step budget, default recipes.SYNTHESISED_TUNE_STEPS), "families": "evidence" (stamp only the family that gave the
 evidence), "rounds" (default 3). The data root is $GRADPRUNE_DATA (default ../shared/data). The logs behind README's
 "what was tried" are in results/blind-rounds-avx512/. A diagnostic: it prints, it writes no rows."""
 import json, os, sys
@@ -18,6 +18,7 @@ from zoo import CACHE, backdoored
 from hf_gradprune.pipeline import JobConfig, prepare, _snapshot
 from hf_gradprune.methods import defend
 from hf_gradprune.metrics import attack_metrics
+from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
 from hf_gradprune.synth import resynthesise, stamp_twins, standing, usable_triggers
 
 dataset, attack, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -37,7 +38,7 @@ pixels, labels = torch.cat([t["train"], t["val"]]), torch.cat([t["train_y"], t["
 print("scan", job.scan.family, job.scan.anomaly, flush=True)
 for name, o in options.items():
     model.load_state_dict(original)
-    cfg.tune = replace(cfg.tune, max_steps=o.get("steps", 80))
+    cfg.tune = replace(cfg.tune, max_steps=o.get("steps", SYNTHESISED_TUNE_STEPS))
     triggers = usable_triggers(job.scan)
     if o.get("families") == "evidence":
         triggers = triggers[:1]

@@ -7,6 +7,7 @@ Prints ACC / ASR before, every EVERY epochs and at the kept epoch, on the first 
 $GRADPRUNE_DATA (default ../shared/data). The logs behind README's choice of SYNTHESISED_TUNE_STEPS are in
 results/tune-length-avx512/. A diagnostic: it prints, it writes no rows."""
 import json, os, sys
+from dataclasses import replace
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
@@ -26,7 +27,6 @@ zoo = backdoored(dataset, attack, recipe, Path(os.environ.get("GRADPRUNE_DATA", 
 cfg = JobConfig(model=str(zoo.folder), data=str(zoo.dataset_folder), output="/tmp/diag-out", spc=10, seed=seed,
                 trigger=trigger_spec(attack, CACHE / "triggers"), target="auto" if blind else "0", blind=blind,
                 eval_limit=3000)
-from dataclasses import replace
 cfg.tune = replace(cfg.tune, **over)
 torch.manual_seed(seed)
 job = prepare(cfg)
@@ -35,11 +35,9 @@ tgt = job.metrics_target
 model = job.loaded.model
 b = attack_metrics(model, tt["test"], tt["trig_test"], tt["test_y"], tgt, job.batch_size)
 print(f"before acc {b.acc:.3f} asr {b.asr:.3f}", flush=True)
-traj = []
 def emit(ev: ProgressEvent):
     if ev.stage == "finetune" and ev.step and ev.step % every == 0:
         m = attack_metrics(model, tt["test"], tt["trig_test"], tt["test_y"], tgt, job.batch_size)
-        traj.append((ev.step, m.acc, m.asr, ev.values.get("val_loss")))
         print(f"epoch {ev.step} acc {m.acc:.3f} asr {m.asr:.3f} val_loss {ev.values.get('val_loss'):.3f}", flush=True)
 d = defend(cfg.method, job, cfg, emit)
 a = attack_metrics(model, tt["test"], tt["trig_test"], tt["test_y"], tgt, job.batch_size)

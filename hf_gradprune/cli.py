@@ -23,7 +23,7 @@ from .memory import parse_batch_size, parse_memory
 from .methods import METHODS
 from .names import check_hub_id, file_name, local_name, model_name, public_name
 from .prune import NORMALISATIONS, SCORES, PruneConfig
-from .recipes import DEFAULT_RECIPE, RECIPES, recipe_configs
+from .recipes import DEFAULT_RECIPE, RECIPES, SYNTHESISED_TUNE_STEPS, recipe_configs
 from .synth import ScanConfig
 from .triggers import TRIGGER_KINDS, UNKNOWN, TriggerSpec
 from .units import count_kinds
@@ -140,8 +140,8 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g.add_argument("--max-epochs", type=int, help="default 100")
     g.add_argument("--max-steps", type=int,
                    help="end fine-tuning (and its cosine schedule) after about this many optimiser steps, at most "
-                        "--max-epochs; 0: no step limit (default: 80 for Grad-Prune against a synthesised trigger, "
-                        "else none)")
+                        f"--max-epochs; 0: no step limit (default: {SYNTHESISED_TUNE_STEPS} for Grad-Prune against a "
+                        "synthesised trigger, else none)")
     g.add_argument("--lr", type=float)
     g.add_argument("--tune-batch-size", type=int, help="default 128")
     g.add_argument("--distill", type=float,
