@@ -168,6 +168,7 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
 def _scan_row(scan: dict, real_target: int) -> dict:
     return {"unlearning_rounds": len((scan.get("unlearning") or {}).get("rounds", [])) or None,
             "rounds": (scan.get("unlearning") or {}).get("rounds"),
+            "pull_back": (scan.get("unlearning") or {}).get("pull_back"),
             "backdoored": scan["backdoored"], "target": scan["target"], "real_target": real_target,
             "target_found": scan["target"] == real_target, "anomaly_index": scan["anomaly_index"],
             "family": scan["family"], "scan_s": scan["timing_s"]["scan"],
@@ -178,7 +179,8 @@ def blind_table(results: Path) -> str:
     """The blind rows: detection, target found, ACC / ASR after (real trigger); clean models: the verdict."""
     rows = [json.loads(p.read_text()) for p in sorted((results / "rows").glob("*.json"))]
     lines = ["| dataset | attack | SPC | seed | verdict (anomaly) | target found | ACC before -> after | "
-             "ASR before -> after (real trigger) | scan s | total s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "ASR before -> after (real trigger) | share of the change kept (pull-back) | scan s | total s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sc = r["scan"]
         verdict = f"{'backdoored' if sc['backdoored'] else 'clean'} ({sc['anomaly_index']:.1f}, {sc['family']})"
@@ -189,8 +191,10 @@ def blind_table(results: Path) -> str:
             asr = f"{100 * b['asr']:.1f} -> {100 * a['asr']:.1f}"
         else:
             acc = asr = "untouched"
+        pulled = sc.get("pull_back")
+        kept = "-" if not pulled else f"{pulled['share']:g}"
         lines.append(f"| {r['dataset']} | {r['attack']} | {r['spc']} | {r['seed']} | {verdict} | {found} | {acc} | "
-                     f"{asr} | {sc['scan_s']:.0f} | {r['wall_s']:.0f} |")
+                     f"{asr} | {kept} | {sc['scan_s']:.0f} | {r['wall_s']:.0f} |")
     text = "\n".join(lines) + "\n\n" + blind_means(rows)
     (results / "summary.md").write_text(text + "\n")
     return text

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
+from hf_gradprune.synth import ScanConfig
+
 _PRUNE = {"max_rounds": 500}  # the robust recipe's pruning rules, switched on
 _LR003 = {"lr": 0.003, "patience": 10}
 
@@ -50,6 +53,11 @@ VARIANTS: dict[str, tuple] = {
     # recipes.SYNTHESISED_TUNE_STEPS optimiser steps per round; these are the same defence with another length
     "s-epochs100": ("robust", {}, {"max_steps": None},
                     "the trigger-unknown defence before the step budget: up to 100 epochs per round (cosine over 100)"),
+    "s-nopullback": ("robust", {}, {"max_steps": SYNTHESISED_TUNE_STEPS},
+                     "the trigger-unknown defence before the pull-back: the defended weights as the last round left them",
+                     {"scan": ScanConfig(keep_flip=None)}),
+    "s-lr5e-4": ("robust", {}, {"max_steps": SYNTHESISED_TUNE_STEPS, "lr": 0.0005},
+                 "s-nopullback at half the learning rate (0.0005)", {"scan": ScanConfig(keep_flip=None)}),
     # the step budget on the known trigger (robust keeps 100 epochs there)
     "r-steps80": ("robust", {}, {"max_steps": 80}, "robust, fine-tuning for about 80 optimiser steps (cosine over them)"),
     "r-val30": ("robust", {}, {}, "robust with 3 of the SPC images per class for validation (--val-ratio 0.3)",

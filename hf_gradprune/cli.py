@@ -49,6 +49,12 @@ def _scan_flags(g) -> None:
     g.add_argument("--synth-from", choices=("original", "defended"), default=ScanConfig.rounds_from,
                    help="what each later round defends against all triggers found so far: the original model "
                         "(default; accuracy lost to unlearning does not add up) or the last round's")
+    g.add_argument("--keep-flip", type=float, default=ScanConfig.keep_flip,
+                   help="--trigger unknown / --blind: after the last round, pull the weights back toward the original "
+                        "model as far as no synthesised trigger sends more than this share of the other classes' "
+                        f"few-shot images to the target (default {ScanConfig.keep_flip})")
+    g.add_argument("--no-pull-back", action="store_true",
+                   help="keep the defended weights as the last round left them")
 
 
 def _memory_flags(g) -> None:
@@ -68,10 +74,14 @@ def _scan_config(args) -> ScanConfig:
     if args.scan_classes < ScanConfig.candidates + 1:
         raise UserError(f"--scan-classes {args.scan_classes}: must be at least {ScanConfig.candidates + 1} "
                         "(the suspects plus reference classes)")
+    if not 0 <= args.keep_flip < 1:
+        raise UserError(f"--keep-flip {args.keep_flip}: must be at least 0 and below 1 (a share of images); "
+                        "--no-pull-back keeps the defended weights")
     if args.scan_threshold <= 0:
         raise UserError(f"--scan-threshold {args.scan_threshold}: must be positive")
     return ScanConfig(steps=args.scan_steps, threshold=args.scan_threshold, max_classes=args.scan_classes,
-                      rounds=args.synth_rounds, rounds_from=args.synth_from)
+                      rounds=args.synth_rounds, rounds_from=args.synth_from,
+                      keep_flip=None if args.no_pull_back else args.keep_flip)
 
 
 def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -32,7 +32,8 @@ from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .recipes import describe as describe_recipe
 from .streaming import stamp_images
-from .synth import ScanResult, resynthesise, scan, stamp_twins, standing, usable_triggers, verdict
+from .synth import (ScanResult, pull_back, resynthesise, scan, stamp_twins, standing, usable_triggers,
+                    verdict)
 from .triggers import UNKNOWN, make_trigger
 
 REPORT_FILE = "gradprune_report.json"
@@ -291,7 +292,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     preview_px = {k: tensors[key][shown].to(procs.device) for k, key in (("clean", "test"), ("triggered", "trig_test"))}
     preview_before = {k: predict(model, v, job.batch_size).tolist() for k, v in preview_px.items()}
 
-    original = _snapshot(model) if job.scan is not None and cfg.scan.rounds > 1 else None
+    original = _snapshot(model) if job.scan is not None and (cfg.scan.rounds > 1 or cfg.scan.keep_flip is not None) \
+        else None
     defence = defend(cfg.method, job, cfg, emit)
     timing.update(defence.timing)
     unlearning = _resynthesis_rounds(job, cfg, defence, emit, original) if job.scan is not None else None
@@ -361,7 +363,8 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
     and defend again against all triggers found so far, until none works any more or the rounds are spent.
 
     rounds_from "original" defends the model as it was before round 1 each time, so the accuracy lost to unlearning
-    does not add up over the rounds; "defended" unlearns on top of the last round."""
+    does not add up over the rounds; "defended" unlearns on top of the last round. Then (cfg.scan.keep_flip) the
+    weights are pulled back toward the original as far as every trigger found stays out (synth.pull_back)."""
     t, sc = job.tensors, cfg.scan_config(job.batch_size)
     triggers = usable_triggers(job.scan)
     rounds = [{"round": 1, "triggers": [x.describe() for x in triggers], "finetune_epochs": _epochs(defence)}]
@@ -383,7 +386,14 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
         defence = defend(cfg.method, job, cfg, emit)
         rounds.append({"round": r, "triggers": [x.describe() for x in fresh], "target_anomaly": stands,
                        "finetune_epochs": _epochs(defence)})
-    return {"rounds": rounds, "rounds_from": sc.rounds_from, "defence": defence}
+    pulled = None
+    if sc.keep_flip is not None and not defence.changed:  # pruned units would come back part way: not pulled back
+        emit(ProgressEvent("scan", message="pulling the weights back toward the original while the triggers stay out"))
+        pulled = pull_back(job.loaded.model, original, triggers, pixels, labels, job.target, sc.keep_flip,
+                           sc.chunk_size or 256)
+    elif sc.keep_flip is not None:
+        pulled = {"share": 1.0, "keep_flip": sc.keep_flip, "note": "units were pruned: the defended weights are kept"}
+    return {"rounds": rounds, "rounds_from": sc.rounds_from, "pull_back": pulled, "defence": defence}
 
 
 def _epochs(defence: Defence) -> int:

@@ -33,6 +33,9 @@ from .progress import ProgressCallback, ProgressEvent
 from .units import grads_only_for
 
 FAMILIES = ("patch", "blend")
+# the share of the fine-tuning's weight change that a pull-back keeps, tried in this order: the first that lets a
+# synthesised trigger back in ends the search (flips need not fall monotonically with the share)
+PULL_BACK_SHARES = (0.9, 0.75, 0.6, 0.5)
 MIN_SPREAD = float(np.log(1.5))  # the smallest robust deviation of log trigger sizes the anomaly index divides by
 
 
@@ -51,6 +54,9 @@ class ScanConfig:
     rounds: int = 3  # synthesise -> unlearn rounds; later ones re-synthesise the target's triggers on the defended model
     rounds_from: str = "original"  # what each later round defends: the "original" model (with every trigger found
     # so far) or the "defended" one (unlearning on unlearning, which costs accuracy each round)
+    keep_flip: float | None = 0.1  # after the last round the weights are pulled back toward the original model by the
+    # largest of PULL_BACK_SHARES at which no synthesised trigger sends more than this share of the other classes'
+    # few-shot images to the target (None: keep the defended weights)
 
 
 @dataclass
@@ -331,3 +337,45 @@ def stamp_twins(triggers: list[Synthesised], x: torch.Tensor) -> torch.Tensor:
     for i, t in enumerate(triggers):
         out[i::len(triggers)] = t(x[i::len(triggers)])
     return out
+
+
+@torch.no_grad()
+def trigger_flips(model: nn.Module, triggers: list[Synthesised], pixels: torch.Tensor, labels: torch.Tensor,
+                  target: int, chunk: int = 256) -> list[float]:
+    """Per synthesised trigger: the share of the few-shot images of other classes that it sends to `target`."""
+    model.eval()
+    x = pixels[labels != target]
+    return [float(torch.cat([model(t(x[s:s + chunk])).argmax(1) for s in range(0, len(x), chunk)])
+                  .eq(target).float().mean()) if len(x) else 0.0 for t in triggers]
+
+
+@torch.no_grad()
+def pull_back(model: nn.Module, original: dict[str, torch.Tensor], triggers: list[Synthesised], pixels: torch.Tensor,
+              labels: torch.Tensor, target: int, keep_flip: float, chunk: int = 256) -> dict:
+    """Move the defended weights back toward the original ones, keeping share s of the change (s < 1), as far as no
+    synthesised trigger sends more than `keep_flip` of the other classes' few-shot images to the target.
+
+    Why: unlearning every synthesised trigger costs clean accuracy (GTSRB: 2-5 points), and part of the weight
+    change is not needed to keep the triggers out; where it is (CIFAR-10 BadNets), the triggers' flips rise at once
+    and the defended weights stay. The weights that come back keep the defended model's integer buffers."""
+    defended = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flips = trigger_flips(model, triggers, pixels, labels, target, chunk)
+    tried, kept = [{"share": 1.0, "flips": flips}], 1.0
+    for share in PULL_BACK_SHARES:
+        model.load_state_dict({k: _toward(original[k], v, share) for k, v in defended.items()})
+        flips = trigger_flips(model, triggers, pixels, labels, target, chunk)
+        tried.append({"share": share, "flips": flips})
+        if max(flips, default=0.0) > keep_flip:
+            break
+        kept = share
+    model.load_state_dict(defended if kept == 1.0 else
+                          {k: _toward(original[k], v, kept) for k, v in defended.items()})
+    model.eval()
+    return {"share": kept, "keep_flip": keep_flip, "tried": tried}
+
+
+def _toward(original: torch.Tensor, defended: torch.Tensor, share: float) -> torch.Tensor:
+    if not defended.is_floating_point():
+        return defended
+    start = original.to(defended.device, defended.dtype)
+    return start + share * (defended - start)

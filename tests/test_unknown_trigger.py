@@ -19,6 +19,7 @@ from hf_gradprune.hub import load_model
 from hf_gradprune.metrics import attack_metrics
 from hf_gradprune.pipeline import SCAN_FILE, TRIGGER_FILE
 from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
+from hf_gradprune.synth import PULL_BACK_SHARES, Synthesised, pull_back
 from hf_gradprune.triggers import TriggerSpec, make_trigger
 
 ALPHA = 0.10  # the default accuracy bound
@@ -120,6 +121,15 @@ def test_unknown_trigger_removes_the_real_backdoor(backdoors, attack, tmp_path):
     assert len(rounds) > 1 and all(isinstance(r["target_anomaly"], float) for r in rounds[1:])
     budget = run_epochs(TuneConfig(max_steps=SYNTHESISED_TUNE_STEPS), 2 * report["data"]["n_train"])
     assert all(r["finetune_epochs"] <= budget < 100 for r in rounds if "finetune_epochs" in r)
+    # then the weights were pulled back toward the original as far as every synthesised trigger stayed out: the
+    # search went down the shares in order and stopped at the first that let one back in (or at the last)
+    pulled = report["scan"]["unlearning"]["pull_back"]
+    shares = [t["share"] for t in pulled["tried"]]
+    assert shares == [1.0, *PULL_BACK_SHARES[:len(shares) - 1]] and pulled["share"] in shares
+    kept = shares.index(pulled["share"])
+    assert all(max(t["flips"]) <= pulled["keep_flip"] for t in pulled["tried"][1:kept + 1])
+    assert kept == len(shares) - 1 or max(pulled["tried"][kept + 1]["flips"]) > pulled["keep_flip"]
+    assert ("pulled back toward the original model" in card) == (pulled["share"] < 1)
     # measured apart, with the attacker's trigger the defence never had
     before, after = real_metrics(b["model"], b["spec"]), real_metrics(out, b["spec"])
     assert before.asr > 0.9 and after.asr < 0.1, (before, after)
@@ -141,10 +151,50 @@ def test_blind_defence_never_sees_the_trigger_it_is_measured_with(backdoors, att
     assert abs(real_metrics(out, b["spec"]).asr - report["after"]["asr"]) < 0.02
 
 
+class _Toy(torch.nn.Module):
+    """Two classes on 3x4x4 images: class 1 wins by 10 logits unless pixel (0, 0, 0) is lit, which adds
+    `trigger_weight` x 255 to class 0 (the backdoor's target)."""
+
+    def __init__(self, trigger_weight: float):
+        super().__init__()
+        self.lin = torch.nn.Linear(48, 2)
+        self.register_buffer("steps", torch.tensor(7))  # an integer buffer, as batch norm's count
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.weight[0, 0] = trigger_weight
+            self.lin.bias.copy_(torch.tensor([0.0, 10.0]))
+
+    def forward(self, x):
+        return self.lin(x.float().flatten(1))
+
+
+def test_pull_back_keeps_the_smallest_share_of_the_change_that_keeps_the_trigger_out():
+    """Original: the lit pixel flips every image (0.2 x 255 > 10). Defended: it flips none. Keeping share s of the
+    change leaves 0.2 (1 - s) x 255, which flips above 10, i.e. below s = 0.80: share 0.9 holds, 0.75 lets it back
+    in, so the search keeps 0.9 and stops there."""
+    original, model = _Toy(0.2), _Toy(0.0)
+    model.steps.fill_(9)
+    mask = torch.zeros(1, 4, 4)
+    mask[0, 0, 0] = 1
+    trigger = Synthesised("patch", 0, mask, torch.full((3, 4, 4), 255.0), size=1 / 16, flip=1.0)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 255, (12, 3, 4, 4), generator=gen, dtype=torch.uint8)
+    labels = torch.tensor([1] * 9 + [0] * 3)
+    pulled = pull_back(model, original.state_dict(), [trigger], pixels, labels, 0, keep_flip=0.1)
+    assert [t["share"] for t in pulled["tried"]] == [1.0, 0.9, 0.75] and pulled["share"] == 0.9
+    assert [t["flips"] for t in pulled["tried"]] == [[0.0], [0.0], [1.0]]
+    assert torch.allclose(model.lin.weight[0, 0], torch.tensor(0.2 * 0.1)) and int(model.steps) == 9
+    # a trigger that already works on the defended model: nothing is pulled back
+    loose = _Toy(0.1)
+    assert pull_back(loose, original.state_dict(), [trigger], pixels, labels, 0, keep_flip=0.1)["share"] == 1.0
+    assert float(loose.lin.weight[0, 0]) == pytest.approx(0.1)
+
+
 def test_synthesis_flags_are_checked(timm_backdoor, tmp_path, capsys):
     b = timm_backdoor
     cases = [(["--trigger", "unknown", "--blind"], "--blind needs the real trigger"),
              (["--force"], "--force only applies"),
+             (["--trigger", "unknown", "--keep-flip", "1.5"], "--keep-flip 1.5"),
              (["--trigger", "unknown", "--scan-steps", "0"], "--scan-steps 0")]
     for flags, message in cases:
         assert run_cli(b["model"], "--data", b["data"], *flags, "--output", tmp_path / "o", "--quiet") == 2
