@@ -23,7 +23,7 @@ from hf_gradprune.pipeline import JobConfig, prepare, _snapshot
 from hf_gradprune.methods import defend
 from hf_gradprune.metrics import attack_metrics
 from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
-from hf_gradprune.synth import resynthesise, stamp_twins, standing, trigger_flips, usable_triggers
+from hf_gradprune.synth import resynthesise, stamp_twins, standing, toward, trigger_flips, usable_triggers
 
 dataset, attack, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 options = json.loads(sys.argv[4])  # name -> {"steps": int, "tune": {...}, "families": "both"|"evidence", "rounds": int}
@@ -87,8 +87,7 @@ for name, o in options.items():
         m = attack_metrics(model, t["test"], t["trig_test"], t["test_y"], tgt, job.batch_size)
         for beta in o.get("wise", []):  # reported only: the weights part way back to the original
             defended = _snapshot(model)
-            model.load_state_dict({k: (original[k] + beta * (v - original[k])) if v.is_floating_point() else v
-                                   for k, v in defended.items()})
+            model.load_state_dict({k: toward(original[k], v, beta) for k, v in defended.items()})
             w = attack_metrics(model, t["test"], t["trig_test"], t["test_y"], tgt, job.batch_size)
             print(f"{name} r{r} wise {beta}: acc {100*w.acc:.1f} asr {100*w.asr:.1f} synthesised flips "
                   f"{synthesised_flips(model, triggers)}", flush=True)

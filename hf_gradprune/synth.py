@@ -54,8 +54,8 @@ class ScanConfig:
     rounds: int = 3  # synthesise -> unlearn rounds; later ones re-synthesise the target's triggers on the defended model
     rounds_from: str = "original"  # what each later round defends: the "original" model (with every trigger found
     # so far) or the "defended" one (unlearning on unlearning, which costs accuracy each round)
-    keep_flip: float | None = 0.1  # after the last round the weights are pulled back toward the original model by the
-    # largest of PULL_BACK_SHARES at which no synthesised trigger sends more than this share of the other classes'
+    keep_flip: float | None = 0.1  # after the last round the weights are pulled back toward the original model, keeping
+    # the smallest of PULL_BACK_SHARES at which no synthesised trigger sends more than this share of the other classes'
     # few-shot images to the target (None: keep the defended weights)
 
 
@@ -362,19 +362,20 @@ def pull_back(model: nn.Module, original: dict[str, torch.Tensor], triggers: lis
     flips = trigger_flips(model, triggers, pixels, labels, target, chunk)
     tried, kept = [{"share": 1.0, "flips": flips}], 1.0
     for share in PULL_BACK_SHARES:
-        model.load_state_dict({k: _toward(original[k], v, share) for k, v in defended.items()})
+        model.load_state_dict({k: toward(original[k], v, share) for k, v in defended.items()})
         flips = trigger_flips(model, triggers, pixels, labels, target, chunk)
         tried.append({"share": share, "flips": flips})
         if max(flips, default=0.0) > keep_flip:
             break
         kept = share
     model.load_state_dict(defended if kept == 1.0 else
-                          {k: _toward(original[k], v, kept) for k, v in defended.items()})
+                          {k: toward(original[k], v, kept) for k, v in defended.items()})
     model.eval()
     return {"share": kept, "keep_flip": keep_flip, "tried": tried}
 
 
-def _toward(original: torch.Tensor, defended: torch.Tensor, share: float) -> torch.Tensor:
+def toward(original: torch.Tensor, defended: torch.Tensor, share: float) -> torch.Tensor:
+    """original + share x (defended - original) for float tensors; integer buffers (counts) stay as defended."""
     if not defended.is_floating_point():
         return defended
     start = original.to(defended.device, defended.dtype)
