@@ -175,8 +175,9 @@ def _scan_row(scan: dict, real_target: int) -> dict:
             "per_class": scan["per_class"], "triggers": scan["triggers"]}
 
 
-def blind_table(results: Path) -> str:
-    """The blind rows: detection, target found, ACC / ASR after (real trigger); clean models: the verdict."""
+def blind_table(results: Path, baselines: Path | None = None) -> str:
+    """The blind rows: detection, target found, ACC / ASR after (real trigger); clean models: the verdict. With
+    `baselines` (the tier's non-blind folder), the trigger-free baselines beside it on the same cells and seeds."""
     rows = [json.loads(p.read_text()) for p in sorted((results / "rows").glob("*.json"))]
     lines = ["| dataset | attack | SPC | seed | verdict (anomaly) | target found | ACC before -> after | "
              "ASR before -> after (real trigger) | share of the change kept (pull-back) | scan s | total s |",
@@ -192,12 +193,48 @@ def blind_table(results: Path) -> str:
         else:
             acc = asr = "untouched"
         pulled = sc.get("pull_back")
-        kept = "-" if not pulled else f"{pulled['share']:g}"
+        # a defence that pruned units is never pulled back (rows from before the pull-back have no record of it)
+        kept = "1 (units pruned)" if r.get("written") and r.get("pruned") else "-" if not pulled else f"{pulled['share']:g}"
         lines.append(f"| {r['dataset']} | {r['attack']} | {r['spc']} | {r['seed']} | {verdict} | {found} | {acc} | "
                      f"{asr} | {kept} | {sc['scan_s']:.0f} | {r['wall_s']:.0f} |")
     text = "\n".join(lines) + "\n\n" + blind_means(rows)
+    if baselines and (baselines / "rows").is_dir():
+        base = [json.loads(p.read_text()) for p in sorted((baselines / "rows").glob("*.json"))]
+        text += "\n\n" + blind_vs_baselines(rows, [r for r in base if r["method"] not in GRADPRUNE])
     (results / "summary.md").write_text(text + "\n")
     return text
+
+
+def _blind_after(r: dict) -> tuple[float, float, float]:
+    """(ACC drop in points, ASR after %, ACC after %) of a backdoored model's blind row; a model the scan called clean
+    was left as it was, so its backdoor counts in full (drop 0, ASR as before), not as a missing row."""
+    before = r["before"] if r.get("written") else r["backdoored_model"]
+    after = r["after"] if r.get("written") else r["backdoored_model"]
+    return 100 * (before["acc"] - after["acc"]), 100 * after["asr"], 100 * after["acc"]
+
+
+def blind_vs_baselines(rows: list[dict], base: list[dict]) -> str:
+    """Blind Grad-Prune beside the defences that need no trigger either, per (dataset, SPC, attack), means over the
+    seeds that every method has: ACC after / ASR after (%), the fair comparison for `--trigger unknown`."""
+    methods = [m for m in METHODS if m not in GRADPRUNE and any(r["method"] == m for r in base)]
+    lines = ["| dataset | SPC | attack | seeds | ACC / ASR before | blind Grad-Prune | "
+             + " | ".join(m.upper() for m in methods) + " |", "|---" * (6 + len(methods)) + "|"]
+    cells = sorted({(r["dataset"], r["spc"], r["attack"]) for r in rows if r["attack"] != CLEAN})
+    for d, spc, a in cells:
+        blind = {r["seed"]: r for r in rows if (r["dataset"], r["spc"], r["attack"]) == (d, spc, a)}
+        by = {m: {r["seed"]: r for r in base if (r["dataset"], r["spc"], r["attack"], r["method"]) == (d, spc, a, m)}
+              for m in methods}
+        seeds = sorted(set(blind).intersection(*by.values()))
+        if not seeds or not methods:
+            continue
+        b = blind[seeds[0]]["backdoored_model"]
+        gp = [_blind_after(blind[s]) for s in seeds]
+        cols = [f"{np.mean([g[2] for g in gp]):.1f} / {np.mean([g[1] for g in gp]):.1f}"]
+        cols += [f"{np.mean([100 * by[m][s]['after']['acc'] for s in seeds]):.1f} / "
+                 f"{np.mean([100 * by[m][s]['after']['asr'] for s in seeds]):.1f}" for m in methods]
+        lines.append(f"| {d} | {spc} | {a} | {','.join(map(str, seeds))} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | "
+                     + " | ".join(cols) + " |")
+    return "\n".join(lines)
 
 
 def blind_means(rows: list[dict]) -> str:
@@ -210,9 +247,8 @@ def blind_means(rows: list[dict]) -> str:
         attacks = sorted({r["attack"] for r in cell if r["attack"] != CLEAN})
         for a in [*attacks, "all"]:
             rs = [r for r in cell if r["attack"] != CLEAN and a in (r["attack"], "all")]
-            done = [r for r in rs if r.get("written")]
-            drop = [100 * (r["before"]["acc"] - r["after"]["acc"]) for r in done]
-            asr = [100 * r["after"]["asr"] for r in done]
+            drop = [_blind_after(r)[0] for r in rs]
+            asr = [_blind_after(r)[1] for r in rs]
             clean = [r for r in cell if r["attack"] == CLEAN] if a == "all" else []
             lines.append(f"| {d} | {spc} | {a} | {len(rs)} | {sum(r['scan']['target_found'] for r in rs)} / {len(rs)} | "
                          f"{np.mean(drop):.1f} | {np.mean(asr):.1f} | "
@@ -290,7 +326,7 @@ def main(argv=None) -> int:
                 f"{100 * row['after']['asr']:.1f} %, ACC {100 * row['before']['acc']:.1f} -> "
                 f"{100 * row['after']['acc']:.1f} % ({time.perf_counter() - t0:.0f} s)")
     if args.blind:
-        print(blind_table(results))
+        print(blind_table(results, RESULTS / (args.tier + (f"-{args.tag}" if args.tag else ""))))
         return 0
     from report import write_report
     table = write_report(args.tier, results)

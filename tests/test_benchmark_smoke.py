@@ -81,3 +81,27 @@ def test_verdict_against_the_paper():
     assert verdict([row(0.9, 0.01, 0.8, 0.65)], "8.7").startswith("misses")  # ACC fell by more than alpha
     assert verdict([row(0.04, 0.03)], "37.6") == "no backdoor planted"
     assert verdict([row(0.9, 0.05)], "n/a") == ""
+
+
+def test_blind_summary_counts_a_missed_backdoor_at_its_full_asr():
+    """A backdoored model that the scan calls clean is left as it was: the blind means count its ASR in full (with
+    no accuracy lost), never drop it as a missing row, and the baselines are compared on the seeds all methods ran."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tiers import blind_means, blind_vs_baselines
+
+    model = {"acc": 0.80, "asr": 0.90, "ra": 0.1}
+
+    def blind(seed, after=None):
+        scan = {"backdoored": after is not None, "target_found": after is not None}
+        row = {"dataset": "d", "attack": "badnet", "spc": 2, "seed": seed, "written": after is not None,
+               "scan": scan, "backdoored_model": model}
+        return row | ({"before": model, "after": {"acc": after[0], "asr": after[1]}} if after else {})
+
+    rows = [blind(0, (0.70, 0.02)), blind(1)]  # seed 1: missed by the scan, untouched
+    means = blind_means(rows).splitlines()[2]
+    # (10 + 0) / 2 points lost, (2 + 90) / 2 % ASR left, 1 of 2 targets found
+    assert means.split(" | ")[3:7] == ["2", "1 / 2", "5.0", "46.0"], means
+    base = [{"dataset": "d", "attack": "badnet", "spc": 2, "seed": s, "method": "ft", "after": {"acc": a, "asr": r}}
+            for s, a, r in ((0, 0.75, 0.5), (1, 0.65, 0.3), (2, 0.1, 0.1))]
+    line = blind_vs_baselines(rows, base).splitlines()[2]
+    assert line == "| d | 2 | badnet | 0,1 | 80.0 / 90.0 | 75.0 / 46.0 | 70.0 / 40.0 |", line

@@ -1,0 +1,87 @@
+"""What the scan (`hf-gradprune scan`, `--trigger unknown`) costs as the number of classes grows: 10 (CIFAR-10), 43
+(GTSRB), 100 and 1000 (ImageNet) classes.
+
+    python benchmarks/scan_cost.py [--classes 10 43 100 1000] [--spc 10] [--full 20] [--results DIR]
+
+The cpu tier's model (timm resnet18 at half width, 32 px) with random weights and random few-shot images: the scan
+runs a fixed number of Adam steps whatever the weights, so time does not depend on them. Up to `max_classes` (10)
+classes every class is scanned (2 optimisations each); above it an untargeted probe picks 10 classes, so the
+optimisations stay at 20 and only the probe's last pass (one forward over all few-shot images) grows with K.
+`--full K` also times the per-class scan of every one of K classes (`max_classes=K`), the path the probe replaces.
+Writes `scan_cost.json` and `scan_cost.md`; each cell is one JSON (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hf_gradprune.demo import timm_classifier
+from hf_gradprune.synth import FAMILIES, ScanConfig, scan
+
+ROOT = Path(__file__).resolve().parent
+
+MODEL_ARGS = {"channels": [32, 64, 128, 256], "stem_width": 32}  # the cpu tier's CIFAR-10 / GTSRB model
+
+
+def cell(classes: int, spc: int, full: bool) -> dict:
+    model = timm_classifier("resnet18", [f"class{i}" for i in range(classes)], size=32, **MODEL_ARGS).eval()
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(np.repeat(np.arange(classes), spc))
+    pixels = torch.from_numpy(rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8))
+    cfg = ScanConfig() if not full else replace(ScanConfig(), max_classes=classes)
+    res = scan(model, pixels, labels, classes, cfg)
+    optimisations = len(res.scanned) * len(FAMILIES)
+    steps = optimisations * cfg.steps + (len(FAMILIES) * cfg.probe_steps if classes > cfg.max_classes else 0)
+    return {"classes": classes, "spc": spc, "images": len(labels), "path": "full" if full else "default",
+            "scanned_classes": len(res.scanned), "optimisations": optimisations, "adam_steps": steps,
+            "batch": cfg.batch_size, "probe_s": res.timing_s["probe"], "scan_s": res.timing_s["scan"],
+            "ms_per_step": 1000 * res.timing_s["scan"] / steps, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| classes | few-shot images | path | classes scanned | optimisations | Adam steps (batch 64) | "
+             "probe s | scan s (probe included) | ms / step |", "|---" * 9 + "|"]
+    for r in sorted(rows, key=lambda r: (r["classes"], r["path"])):
+        lines.append(f"| {r['classes']} | {r['images']} | {r['path']} | {r['scanned_classes']} | {r['optimisations']} | "
+                     f"{r['adam_steps']} | {r['probe_s']:.1f} | {r['scan_s']:.1f} | {r['ms_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", type=int, nargs="*", default=[10, 43, 100, 1000])
+    ap.add_argument("--spc", type=int, default=10, help="few-shot images per class")
+    ap.add_argument("--full", type=int, nargs="*", default=[20], help="class counts to time the per-class scan at too")
+    ap.add_argument("--results", type=Path, default=ROOT / "results" / "scan-cost")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    for classes, full in [(k, False) for k in args.classes] + [(k, True) for k in args.full if k > 10]:
+        path = args.results / "rows" / f"k{classes}-spc{args.spc}-{'full' if full else 'default'}.json"
+        if path.is_file():
+            row = json.loads(path.read_text())
+        else:
+            row = cell(classes, args.spc, full)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(row, indent=2))
+        print(f"{classes} classes, {row['path']}: {row['optimisations']} optimisations, {row['scan_s']:.1f} s",
+              file=sys.stderr, flush=True)
+        rows.append(row)
+    text = table(rows)
+    (args.results / "scan_cost.json").write_text(json.dumps(rows, indent=2))
+    (args.results / "scan_cost.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
