@@ -194,7 +194,8 @@ def blind_table(results: Path, baselines: Path | None = None) -> str:
             acc = asr = "untouched"
         pulled = sc.get("pull_back")
         # a defence that pruned units is never pulled back (rows from before the pull-back have no record of it)
-        kept = "1 (units pruned)" if r.get("written") and r.get("pruned") else "-" if not pulled else f"{pulled['share']:g}"
+        kept = "1 (units pruned)" if r.get("written") and r.get("pruned") else \
+            "-" if not pulled else f"{pulled['share']:g}"
         lines.append(f"| {r['dataset']} | {r['attack']} | {r['spc']} | {r['seed']} | {verdict} | {found} | {acc} | "
                      f"{asr} | {kept} | {sc['scan_s']:.0f} | {r['wall_s']:.0f} |")
     text = "\n".join(lines) + "\n\n" + blind_means(rows)
