@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,10 @@ def cell(classes: int, spc: int, full: bool) -> dict:
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(np.repeat(np.arange(classes), spc))
     pixels = torch.from_numpy(rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8))
-    cfg = ScanConfig() if not full else replace(ScanConfig(), max_classes=classes)
+    cfg = ScanConfig(max_classes=classes) if full else ScanConfig()
     res = scan(model, pixels, labels, classes, cfg)
     optimisations = len(res.scanned) * len(FAMILIES)
-    steps = optimisations * cfg.steps + (len(FAMILIES) * cfg.probe_steps if classes > cfg.max_classes else 0)
+    steps = optimisations * cfg.steps + (len(FAMILIES) * cfg.probe_steps if res.probe is not None else 0)
     return {"classes": classes, "spc": spc, "images": len(labels), "path": "full" if full else "default",
             "scanned_classes": len(res.scanned), "optimisations": optimisations, "adam_steps": steps,
             "batch": cfg.batch_size, "probe_s": res.timing_s["probe"], "scan_s": res.timing_s["scan"],

@@ -289,14 +289,14 @@ def main(argv=None) -> int:
         t = replace(t, recipes={d: replace(r, epochs=args.epochs or r.epochs, train_limit=args.train_limit or r.train_limit)
                                 for d, r in t.recipes.items()})
     variant = args.variant
-    name = args.tier + (f"-{args.tag}" if args.tag else "") + (f"-{variant}" if variant else "") + \
+    tier = args.tier + (f"-{args.tag}" if args.tag else "")  # this machine's rows of the tier (the baselines' folder)
+    name = tier + (f"-{variant}" if variant else "") + \
         ("-dryrun" if args.epochs or args.train_limit else "") + ("-blind" if args.blind else "") + \
         (f"-r{args.synth_rounds}" if args.synth_rounds else "") + (f"-{args.synth_from}" if args.synth_from else "")
     results = args.results or RESULTS / name
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.compare:
         from report import compare_variants
-        tier = args.tier + (f"-{args.tag}" if args.tag else "")
         text = compare_variants(RESULTS, tier)
         (RESULTS / f"{tier}-variants.md").write_text(text + "\n")
         print(text)
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                 f"{100 * row['after']['asr']:.1f} %, ACC {100 * row['before']['acc']:.1f} -> "
                 f"{100 * row['after']['acc']:.1f} % ({time.perf_counter() - t0:.0f} s)")
     if args.blind:
-        print(blind_table(results, RESULTS / (args.tier + (f"-{args.tag}" if args.tag else ""))))
+        print(blind_table(results, RESULTS / tier))
         return 0
     from report import write_report
     table = write_report(args.tier, results)
