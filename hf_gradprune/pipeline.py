@@ -32,7 +32,7 @@ from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .recipes import describe as describe_recipe
 from .streaming import stamp_images
-from .synth import (ScanResult, pull_back, resynthesise, scan, stamp_twins, standing, usable_triggers,
+from .synth import (ScanResult, pull_back, resynthesise, scan, stamp_twins, standing, trigger_flips, usable_triggers,
                     verdict)
 from .triggers import UNKNOWN, make_trigger
 
@@ -367,33 +367,44 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
     weights are pulled back toward the original as far as every trigger found stays out (synth.pull_back)."""
     t, sc = job.tensors, cfg.scan_config(job.batch_size)
     triggers = usable_triggers(job.scan)
-    rounds = [{"round": 1, "triggers": [x.describe() for x in triggers], "finetune_epochs": _epochs(defence)}]
+    targets = job.scan.defence_targets
+    rounds = [{"round": 1, "targets": targets, "triggers": [x.describe() for x in triggers],
+               "finetune_epochs": _epochs(defence)}]
     pixels, labels = torch.cat([t["train"], t["val"]]), torch.cat([t["train_y"], t["val_y"]])
     for r in range(2, sc.rounds + 1):
-        emit(ProgressEvent("scan", message=f"round {r}: re-synthesising the triggers of class {job.target}"))
-        fresh = resynthesise(job.loaded.model, pixels, labels, job.target, sc, r)
-        # how far the target still stands out after the last round (the scan's index): recorded, not acted on; ending
-        # the rounds on it was measured and rejected (README "When you do not know the trigger")
-        stands = standing(job.scan, fresh)
+        emit(ProgressEvent("scan", message=f"round {r}: re-synthesising the triggers of class"
+                                           f"{'es' if len(targets) > 1 else ''} {', '.join(map(str, targets))}"))
+        fresh, stands = [], {}
+        for k, target in enumerate(targets):
+            found = resynthesise(job.loaded.model, pixels, labels, target, sc, r, k)
+            # how far the target still stands out after the last round (the scan's index): recorded, not acted on;
+            # ending the rounds on it was measured and rejected (README "When you do not know the trigger")
+            stands[target] = standing(job.scan, target, found)
+            fresh += found
+        record = {"round": r, "targets": targets, "target_anomaly": stands[job.target]}
+        if len(targets) > 1:
+            record["target_anomalies"] = stands
         if not fresh:
-            rounds.append({"round": r, "triggers": [], "target_anomaly": stands,
-                           "note": "no trigger reaches the flip goal any more"})
+            rounds.append({**record, "triggers": [], "note": "no trigger reaches the flip goal any more"})
             break
         triggers += fresh
         t["trig_train"], t["trig_val"] = stamp_twins(triggers, t["train"]), stamp_twins(triggers, t["val"])
         if sc.rounds_from == "original":
             job.loaded.model.load_state_dict(original)
         defence = defend(cfg.method, job, cfg, emit)
-        rounds.append({"round": r, "triggers": [x.describe() for x in fresh], "target_anomaly": stands,
-                       "finetune_epochs": _epochs(defence)})
+        rounds.append({**record, "triggers": [x.describe() for x in fresh], "finetune_epochs": _epochs(defence)})
     pulled = None
     if sc.keep_flip is not None and not defence.changed:  # pruned units would come back part way: not pulled back
         emit(ProgressEvent("scan", message="pulling the weights back toward the original while the triggers stay out"))
-        pulled = pull_back(job.loaded.model, original, triggers, pixels, labels, job.target, sc.keep_flip,
-                           sc.chunk_size or 256)
+        pulled = pull_back(job.loaded.model, original, triggers, pixels, labels, sc.keep_flip, sc.chunk_size or 256)
     elif sc.keep_flip is not None:
         pulled = {"share": 1.0, "keep_flip": sc.keep_flip, "note": "units were pruned: the defended weights are kept"}
-    return {"rounds": rounds, "rounds_from": sc.rounds_from, "pull_back": pulled, "defence": defence}
+    # what each synthesised trigger still does to the saved weights: the evidence that every suspect was defended
+    after = trigger_flips(job.loaded.model, triggers, pixels, labels, sc.chunk_size or 256)
+    per_target = [{"class": c, "flip": max((f for x, f in zip(triggers, after) if x.target == c), default=0.0)}
+                  for c in targets]
+    return {"rounds": rounds, "rounds_from": sc.rounds_from, "pull_back": pulled, "defence": defence,
+            "targets": targets, "flips_after": per_target}
 
 
 def _epochs(defence: Defence) -> int:
@@ -403,7 +414,7 @@ def _epochs(defence: Defence) -> int:
 def _scan_dict(found: ScanResult, names: list[str] | None, cfg: JobConfig, measured_target: int | None = None) -> dict:
     """The report's and card's account of the scan: what it found, what was synthesised, how ASR was measured."""
     d = {**found.to_dict(names), "verdict": verdict(found, names), "blind": cfg.blind,
-         "defence_target": found.defence_target,
+         "defence_target": found.defence_target, "defence_targets": found.defence_targets,
          "trigger_file": TRIGGER_FILE,
          "asr_measured_with": "the real trigger, which the defence never saw (--blind)" if cfg.blind
          else "the synthesised trigger (the real one is unknown)"}

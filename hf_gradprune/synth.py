@@ -48,6 +48,12 @@ class ScanConfig:
     max_classes: int = 10  # classes scanned; above it, the untargeted probe picks which
     candidates: int = 3  # of those, the probe's most-hit classes (the rest: seeded reference classes)
     probe_steps: int = 60
+    select: str = "probe"  # above max_classes, how candidates are chosen: "probe" (one untargeted trigger per family)
+    # or "screen" (a short targeted synthesis for every class, up to screen_classes; the most promising continue)
+    screen_steps: int = 15  # screen: Adam steps per class and family before the candidates are chosen
+    screen_classes: int = 100  # screen: above this many classes the probe picks which are screened
+    mask_init_logit: float = -2.0  # the patch mask's starting logit at every pixel (-2: 0.12 of the pattern;
+    # Neural Cleanse starts near 0, half the pattern)
     batch_size: int = 64  # few-shot images per optimisation step
     chunk_size: int | None = None  # the most images one forward + backward takes (the job's memory batch)
     seed: int = 0
@@ -105,6 +111,8 @@ class ScanResult:
     probe: dict | None  # above max_classes: the probe's hit counts
     config: dict
     timing_s: dict = field(default_factory=dict)
+    suspects: list[int] = field(default_factory=list)  # every class above the threshold, most anomalous first
+    suspect_triggers: dict[int, dict[str, Synthesised]] = field(default_factory=dict)  # per defence target
 
     @property
     def defence_target(self) -> int:
@@ -113,25 +121,47 @@ class ScanResult:
         return self.target if self.target is not None else self.best_class
 
     @property
+    def defence_targets(self) -> list[int]:
+        """Every class the defence works against: the defence target first, then the other suspects (a model may
+        carry two backdoors to two classes)."""
+        return [self.defence_target] + [c for c in self.suspects if c != self.defence_target]
+
+    @property
+    def runner_up(self) -> dict | None:
+        """The class with the highest anomaly index after the best one: how far ahead the verdict's class is."""
+        ranked = sorted(self.per_class, key=lambda r: (-r["anomaly"], r["class"]))
+        return ranked[1] if len(ranked) > 1 else None
+
+    @property
     def trigger(self) -> Synthesised:
         """The trigger the defence stamps: the family that gave the evidence."""
         return self.triggers[self.family]
 
+    def _index(self, c: int) -> float:
+        return next(r["anomaly"] for r in self.per_class if r["class"] == c)
+
     def to_dict(self, class_names: list[str] | None = None) -> dict:
         name = (lambda i: class_names[i] if class_names and i is not None else None)
+        up = self.runner_up
         return {"backdoored": self.backdoored, "target": self.target, "target_name": name(self.target),
                 "best_class": self.best_class, "best_class_name": name(self.best_class),
                 "anomaly_index": self.anomaly, "threshold": self.config["threshold"], "family": self.family,
+                "suspects": [{"class": c, "name": name(c), "anomaly_index": self._index(c)} for c in self.suspects],
+                "runner_up": None if up is None else {"class": up["class"], "name": name(up["class"]),
+                                                      "anomaly_index": up["anomaly"]},
+                "evidence": evidence(self),
                 "scanned_classes": self.scanned, "per_class": self.per_class, "probe": self.probe,
                 "triggers": {f: {"size": t.size, "flip": t.flip, "target": t.target, "description": t.describe()}
                              for f, t in self.triggers.items()},
                 "config": self.config, "timing_s": self.timing_s}
 
 
-def _params(family: str, shape: tuple[int, int], gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _params(family: str, shape: tuple[int, int], gen: torch.Generator, device,
+            mask_init_logit: float = -2.0) -> tuple[torch.Tensor, torch.Tensor]:
     h, w = shape
     mask_shape = (1, h, w) if family == "patch" else (1, 1, 1)
-    mask_logit = torch.full(mask_shape, -2.0) + 0.1 * torch.randn(mask_shape, generator=gen)
+    start = mask_init_logit if family == "patch" else -2.0
+    mask_logit = torch.full(mask_shape, start) + 0.1 * torch.randn(mask_shape, generator=gen)
     pattern_logit = 0.1 * torch.randn((3, h, w), generator=gen)
     return mask_logit.to(device).requires_grad_(), pattern_logit.to(device).requires_grad_()
 
@@ -162,39 +192,73 @@ def _step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, mask_logit: t
     return torch.cat(preds), float(size.detach())
 
 
-def synthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, target: int, family: str,
-               cfg: ScanConfig, gen: torch.Generator) -> Synthesised:
-    """The smallest trigger of `family` that sends cfg.flip of the images of other classes to `target`.
+@dataclass
+class _Search:
+    """One (class, family) trigger search in progress: screening runs a few steps of every class's search and
+    continues only the promising ones, from where they stopped."""
+    family: str
+    target: int
+    x: torch.Tensor  # the few-shot images of other classes (float pixels)
+    mask_logit: torch.Tensor
+    pattern_logit: torch.Tensor
+    opt: torch.optim.Optimizer
+    lam: float = 1e-2
+    best: tuple | None = None  # (size, flip, mask_logit, pattern_logit) of the smallest trigger that met the goal
+    best_flip: float = 0.0
+    steps: int = 0
 
-    Neural Cleanse's loop, shortened for a few images: CE to the target + lam x size; lam grows while the flip goal
-    is met (shrinking the trigger) and falls while it is not. The smallest trigger that met the goal is kept; a
-    class no trigger of the family reaches gets size 1 (the whole image)."""
-    x = pixels[labels != target].float()
-    mask_logit, pattern_logit = _params(family, tuple(pixels.shape[2:]), gen, pixels.device)
+    @property
+    def promise(self) -> float:
+        """Lower is more promising: the smallest size that met the flip goal, else 1 + the flip still missing."""
+        return self.best[0] if self.best is not None else 2.0 - self.best_flip
+
+
+def _start(pixels: torch.Tensor, labels: torch.Tensor, target: int, family: str, cfg: ScanConfig,
+           gen: torch.Generator) -> _Search:
+    mask_logit, pattern_logit = _params(family, tuple(pixels.shape[2:]), gen, pixels.device, cfg.mask_init_logit)
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=cfg.lr, betas=(0.5, 0.9))
-    lam, best, best_flip = 1e-2, None, 0.0
+    return _Search(family, target, pixels[labels != target].float(), mask_logit, pattern_logit, opt)
+
+
+def _advance(model: nn.Module, search: _Search, steps: int, cfg: ScanConfig, gen: torch.Generator) -> _Search:
+    """Neural Cleanse's loop, shortened for a few images: CE to the target + lam x size; lam grows while the flip
+    goal is met (shrinking the trigger) and falls while it is not. The smallest trigger that met the goal is kept."""
+    x, target = search.x, search.target
     goal = torch.full((min(cfg.batch_size, len(x)),), target, dtype=torch.long, device=x.device)
-    for step in range(cfg.steps):
+    for _ in range(steps):
         rows = torch.randperm(len(x), generator=gen)[: cfg.batch_size].to(x.device) if len(x) > cfg.batch_size \
             else torch.arange(len(x), device=x.device)
-        opt.zero_grad(set_to_none=True)
-        pred, size = _step(model, x[rows], goal[: len(rows)], mask_logit, pattern_logit, lambda v: lam * v * 10,
-                           cfg.chunk_size)
+        search.opt.zero_grad(set_to_none=True)
+        lam = search.lam
+        pred, size = _step(model, x[rows], goal[: len(rows)], search.mask_logit, search.pattern_logit,
+                           lambda v: lam * v * 10, cfg.chunk_size)
         flip = float((pred == target).float().mean())
-        if flip >= cfg.flip and (best is None or size < best[0]):
-            best = (size, flip, mask_logit.detach().clone(), pattern_logit.detach().clone())
-        best_flip = max(best_flip, flip)
-        lam = lam * 1.5 if flip >= cfg.flip else lam / 1.5 ** 1.5
-        lam = min(max(lam, 1e-4), 1e3)
-        opt.step()
-    if best is None:
+        if flip >= cfg.flip and (search.best is None or size < search.best[0]):
+            search.best = (size, flip, search.mask_logit.detach().clone(), search.pattern_logit.detach().clone())
+        search.best_flip = max(search.best_flip, flip)
+        search.lam = min(max(lam * 1.5 if flip >= cfg.flip else lam / 1.5 ** 1.5, 1e-4), 1e3)
+        search.opt.step()
+        search.steps += 1
+    return search
+
+
+def _found(search: _Search) -> Synthesised:
+    """The search's trigger: the smallest that met the goal; a class no trigger of the family reached gets size 1
+    (the whole image)."""
+    if search.best is None:
         with torch.no_grad():
-            m = torch.sigmoid(mask_logit)
-        return Synthesised(family, target, m.detach().cpu(), 255 * torch.sigmoid(pattern_logit.detach()).cpu(), 1.0,
-                           best_flip)
-    size, flip, mask_logit, pattern_logit = best
-    return Synthesised(family, target, torch.sigmoid(mask_logit).cpu(), 255 * torch.sigmoid(pattern_logit).cpu(),
-                       size, flip)
+            m = torch.sigmoid(search.mask_logit)
+        return Synthesised(search.family, search.target, m.detach().cpu(),
+                           255 * torch.sigmoid(search.pattern_logit.detach()).cpu(), 1.0, search.best_flip)
+    size, flip, mask_logit, pattern_logit = search.best
+    return Synthesised(search.family, search.target, torch.sigmoid(mask_logit).cpu(),
+                       255 * torch.sigmoid(pattern_logit).cpu(), size, flip)
+
+
+def synthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, target: int, family: str,
+               cfg: ScanConfig, gen: torch.Generator) -> Synthesised:
+    """The smallest trigger of `family` that sends cfg.flip of the images of other classes to `target`."""
+    return _found(_advance(model, _start(pixels, labels, target, family, cfg, gen), cfg.steps, cfg, gen))
 
 
 def probe(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ScanConfig,
@@ -235,17 +299,21 @@ def _anomaly(sizes: list[float]) -> list[float]:
     return [float((med - v) / mad) for v in logs]
 
 
-def scan_classes(num_classes: int, cfg: ScanConfig, hits: torch.Tensor | None, forced: int | None) -> list[int]:
-    """All classes up to cfg.max_classes; above it, the probe's most-hit classes plus seeded reference classes."""
+def scan_classes(num_classes: int, cfg: ScanConfig, ranked: list[int] | None, forced: int | None) -> list[int]:
+    """All classes up to cfg.max_classes; above it, the `candidates` classes ranked most suspicious (by the probe or
+    the screen) plus seeded reference classes (the anomaly statistic's baseline)."""
     if num_classes <= cfg.max_classes:
         return list(range(num_classes))
-    ranked = torch.argsort(hits, descending=True, stable=True).tolist()
     chosen = ([forced] if forced is not None else []) + [c for c in ranked if c != forced]
     chosen = chosen[: cfg.candidates]
     rest = [c for c in range(num_classes) if c not in chosen]
     rng = np.random.default_rng(cfg.seed)
     chosen += sorted(rng.choice(rest, size=cfg.max_classes - len(chosen), replace=False).tolist())
     return chosen
+
+
+def _screens(num_classes: int, cfg: ScanConfig) -> bool:
+    return num_classes > cfg.max_classes and cfg.select == "screen" and num_classes <= cfg.screen_classes
 
 
 def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -257,20 +325,34 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
     t0 = time.perf_counter()
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    hits = None
+    hits, ranked, searches = None, None, {}
+    screening = _screens(num_classes, cfg)
     with grads_only_for(model, []):
-        if num_classes > cfg.max_classes:
+        if num_classes > cfg.max_classes and not screening:
             emit(ProgressEvent("scan", message=f"probing which of {num_classes} classes a small trigger sends images to"))
             hits = probe(model, pixels, labels, num_classes, cfg, gen)
+            ranked = torch.argsort(hits, descending=True, stable=True).tolist()
+        elif screening:  # K-Arm's idea: a few steps for every class, then the budget goes to the promising ones
+            emit(ProgressEvent("scan", message=f"screening all {num_classes} classes ({cfg.screen_steps} steps each)"))
+            for c in range(num_classes):
+                searches[c] = {f: _advance(model, _start(pixels, labels, c, f, cfg, gen), cfg.screen_steps, cfg, gen)
+                               for f in FAMILIES}
+                emit(ProgressEvent("scan", step=c + 1, total=num_classes, values={"screened": c}))
+            promise = {c: float(np.prod([searches[c][f].promise for f in FAMILIES])) for c in searches}
+            ranked = sorted(searches, key=lambda c: (promise[c], c))
         t_probe = time.perf_counter() - t0
-        classes = scan_classes(num_classes, cfg, hits, target)
+        classes = scan_classes(num_classes, cfg, ranked, target)
         found: dict[int, dict[str, Synthesised]] = {}
         total = len(classes) * len(FAMILIES)
         emit(ProgressEvent("scan", step=0, total=total))
         for i, c in enumerate(classes):
             found[c] = {}
             for j, family in enumerate(FAMILIES):
-                found[c][family] = synthesise(model, pixels, labels, c, family, cfg, gen)
+                if c in searches:  # screened: continue where it stopped, to the same total of steps
+                    search = searches[c][family]
+                    found[c][family] = _found(_advance(model, search, cfg.steps - search.steps, cfg, gen))
+                else:
+                    found[c][family] = synthesise(model, pixels, labels, c, family, cfg, gen)
                 emit(ProgressEvent("scan", step=i * len(FAMILIES) + j + 1, total=total,
                                    values={"class": c, family: found[c][family].size}))
     index = {f: dict(zip(classes, _anomaly([found[c][f].size for c in classes]))) for f in FAMILIES}
@@ -285,49 +367,88 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
     anomaly = both[best]
     backdoored = anomaly > cfg.threshold
     chosen = target if target is not None else best
+    suspects = [c for c in sorted(classes, key=lambda c: (-both[c], c)) if both[c] > cfg.threshold]
     # the trigger the defence stamps first: the family in which the chosen class stands out more
     family = max(FAMILIES, key=lambda f: (found[chosen][f].size < 1.0, index[f][chosen]))
-    return ScanResult(backdoored, chosen if backdoored or target is not None else None, best, float(anomaly), family,
-                      classes, per_class, found[chosen], None if hits is None else {"hits": hits.tolist()},
-                      asdict(cfg), {"probe": t_probe, "scan": time.perf_counter() - t0})
+    result = ScanResult(backdoored, chosen if backdoored or target is not None else None, best, float(anomaly),
+                        family, classes, per_class, found[chosen], _selection(hits, searches), asdict(cfg),
+                        {"probe": t_probe, "scan": time.perf_counter() - t0}, suspects)
+    result.suspect_triggers = {c: found[c] for c in result.defence_targets}
+    return result
+
+
+def _selection(hits: torch.Tensor | None, searches: dict) -> dict | None:
+    """How the scanned classes were chosen (above max_classes): the probe's hit counts or the screen's promise."""
+    if hits is not None:
+        return {"hits": hits.tolist()}
+    if searches:
+        return {"screen_promise": {c: float(np.prod([searches[c][f].promise for f in FAMILIES])) for c in searches}}
+    return None
+
+
+def evidence(result: ScanResult) -> str:
+    """How strong the verdict is, in words a release gate can show: the best class's index against the threshold
+    and against the runner-up's (a class that barely leads is a weak naming of the target)."""
+    th, up = result.config["threshold"], result.runner_up
+    lead = result.anomaly - up["anomaly"] if up else float("inf")
+    if len(result.suspects) > 1:
+        return (f"{len(result.suspects)} classes stand out above the threshold {th}: the model may carry more than "
+                "one backdoor; each is defended against")
+    if not result.backdoored:
+        return (f"no class stands out: the highest index {result.anomaly:.2f} is "
+                f"{'close to' if result.anomaly > 0.75 * th else 'below'} the threshold {th}")
+    strength = "strong" if result.anomaly >= 2 * th and lead >= th else "weak"
+    return (f"{strength}: index {result.anomaly:.2f} against the threshold {th}; the runner-up class "
+            f"{up['class'] if up else '-'} is at {up['anomaly'] if up else float('nan'):.2f}")
 
 
 def verdict(result: ScanResult, class_names: list[str] | None = None) -> str:
     """The one line a person reads first."""
     c = result.target if result.backdoored else result.best_class
-    name = f" ({class_names[c]})" if class_names else ""
+    label = (lambda k: f"{k} ({class_names[k]})" if class_names else f"{k}")
+    up = result.runner_up
+    runner = f"; runner-up class {label(up['class'])} at {up['anomaly']:.2f}" if up else ""
+    if len(result.suspects) > 1:
+        listed = ", ".join(f"{label(k)} at {result._index(k):.2f}" for k in result.suspects)
+        return (f"backdoored: {len(result.suspects)} target classes stand out above {result.config['threshold']}: "
+                f"{listed} (the model may carry more than one backdoor)")
     if result.backdoored:
-        return (f"backdoored: target class {c}{name}, anomaly index {result.anomaly:.2f} > {result.config['threshold']} "
-                f"({result.family} trigger, {result.trigger.describe().split(': ', 1)[1].split(',')[0]})")
+        return (f"backdoored: target class {label(c)}, anomaly index {result.anomaly:.2f} > "
+                f"{result.config['threshold']} ({result.family} trigger, "
+                f"{result.trigger.describe().split(': ', 1)[1].split(',')[0]}){runner}")
     return (f"no backdoor found: highest anomaly index {result.anomaly:.2f} <= {result.config['threshold']} "
-            f"(class {c}{name}, {result.family} family)")
+            f"(class {label(c)}, {result.family} family)")
 
 
 def usable_triggers(result: ScanResult) -> list[Synthesised]:
-    """The triggers the defence stamps: the evidence's family first, then the other family's trigger for the same
-    class where it reached the flip goal too (a backdoor often answers to both, and unlearning both covers a
-    patch-like and a blend-like real trigger)."""
+    """The triggers the defence stamps, for every defence target: the evidence's family first, then the other
+    family's trigger for the same class where it reached the flip goal too (a backdoor often answers to both, and
+    unlearning both covers a patch-like and a blend-like real trigger)."""
     first = result.trigger
-    return [first] + [t for f, t in result.triggers.items() if f != first.family and t.size < 1.0]
+    out = [first] + [t for f, t in result.triggers.items() if f != first.family and t.size < 1.0]
+    for c in result.defence_targets[1:]:
+        out += [t for t in result.suspect_triggers[c].values() if t.size < 1.0]
+    return out
 
 
 def resynthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, target: int, cfg: ScanConfig,
-                 round_: int) -> list[Synthesised]:
+                 round_: int, nth: int = 0) -> list[Synthesised]:
     """After a round of unlearning: the target's triggers that still work on the defended model (BTI-DBF's
-    invert-and-unlearn loop; the next-easiest way in is often nearer the real trigger)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * round_)
+    invert-and-unlearn loop; the next-easiest way in is often nearer the real trigger). nth: which of the defence
+    targets this is (each draws its own seed)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * round_ + 100_000 * nth)
     model.eval()
     with grads_only_for(model, []):
         found = [synthesise(model, pixels, labels, target, f, cfg, gen) for f in FAMILIES]
     return [t for t in found if t.size < 1.0]
 
 
-def standing(result: ScanResult, fresh: list[Synthesised]) -> float:
+def standing(result: ScanResult, target: int, fresh: list[Synthesised]) -> float:
     """The scan's anomaly index of the target's re-synthesised triggers among the scan's other classes (the product
     of the two families' sizes; a family that no longer reaches the flip goal counts as the whole image): whether
     the target still stands out after a round of unlearning."""
     sizes = {t.family: t.size for t in fresh}
-    others = [c["patch_size"] * c["blend_size"] for c in result.per_class if c["class"] != result.defence_target]
+    others = [c["patch_size"] * c["blend_size"] for c in result.per_class if c["class"] != target]
     return _anomaly(others + [float(np.prod([sizes.get(f, 1.0) for f in FAMILIES]))])[-1]
 
 
@@ -341,29 +462,33 @@ def stamp_twins(triggers: list[Synthesised], x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def trigger_flips(model: nn.Module, triggers: list[Synthesised], pixels: torch.Tensor, labels: torch.Tensor,
-                  target: int, chunk: int = 256) -> list[float]:
-    """Per synthesised trigger: the share of the few-shot images of other classes that it sends to `target`."""
+                  chunk: int = 256) -> list[float]:
+    """Per synthesised trigger: the share of the few-shot images of classes other than its target that it sends
+    to its target."""
     model.eval()
-    x = pixels[labels != target]
-    return [float(torch.cat([model(t(x[s:s + chunk])).argmax(1) for s in range(0, len(x), chunk)])
-                  .eq(target).float().mean()) if len(x) else 0.0 for t in triggers]
+    flips = []
+    for t in triggers:
+        x = pixels[labels != t.target]
+        flips.append(float(torch.cat([model(t(x[s:s + chunk])).argmax(1) for s in range(0, len(x), chunk)])
+                           .eq(t.target).float().mean()) if len(x) else 0.0)
+    return flips
 
 
 @torch.no_grad()
 def pull_back(model: nn.Module, original: dict[str, torch.Tensor], triggers: list[Synthesised], pixels: torch.Tensor,
-              labels: torch.Tensor, target: int, keep_flip: float, chunk: int = 256) -> dict:
+              labels: torch.Tensor, keep_flip: float, chunk: int = 256) -> dict:
     """Move the defended weights back toward the original ones, keeping share s of the change (s < 1), as far as no
-    synthesised trigger sends more than `keep_flip` of the other classes' few-shot images to the target.
+    synthesised trigger sends more than `keep_flip` of the other classes' few-shot images to its target.
 
     Why: unlearning every synthesised trigger costs clean accuracy (GTSRB: 2-5 points), and part of the weight
     change is not needed to keep the triggers out; where it is (CIFAR-10 BadNets), the triggers' flips rise at once
     and the defended weights stay. The weights that come back keep the defended model's integer buffers."""
     defended = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    flips = trigger_flips(model, triggers, pixels, labels, target, chunk)
+    flips = trigger_flips(model, triggers, pixels, labels, chunk)
     tried, kept = [{"share": 1.0, "flips": flips}], 1.0
     for share in PULL_BACK_SHARES:
         model.load_state_dict({k: toward(original[k], v, share) for k, v in defended.items()})
-        flips = trigger_flips(model, triggers, pixels, labels, target, chunk)
+        flips = trigger_flips(model, triggers, pixels, labels, chunk)
         tried.append({"share": share, "flips": flips})
         if max(flips, default=0.0) > keep_flip:
             break

@@ -8,6 +8,7 @@ were flagged; README, "When you do not know the trigger")."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -44,6 +45,29 @@ def blended_backdoor(tmp_path_factory):
 def clean_model(tmp_path_factory):
     """The BadNets fixture's recipe without a single poisoned image."""
     return build_backdoored_digits(tmp_path_factory.mktemp("clean"), poison_rate=0.0, **RECIPE)
+
+
+def square_patch(folder: Path, top: int, left: int, colours: tuple, size: int = 4) -> TriggerSpec:
+    """A size x size patch at (top, left): one colour, or two in a checkerboard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image, mask = np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8)
+    board = (np.add.outer(np.arange(size), np.arange(size)) % 2).astype(bool)[..., None]
+    image[top:top + size, left:left + size] = np.where(board, colours[0], colours[-1])
+    mask[top:top + size, left:left + size] = 255
+    Image.fromarray(image).save(folder / "pattern.png")
+    Image.fromarray(mask).save(folder / "mask.png")
+    return TriggerSpec("patch", image=str(folder / "pattern.png"), mask=str(folder / "mask.png"))
+
+
+@pytest.fixture(scope="module")
+def two_backdoors(tmp_path_factory):
+    """One model, two backdoors: a red / green checkerboard at the top-left sends digits to class 1, a yellow square
+    in the centre to class 7 (neither is the zoo's bottom-right square, nor class 0)."""
+    folder = tmp_path_factory.mktemp("two")
+    specs = {1: square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0))),
+             7: square_patch(folder / "centre", 14, 14, ((255, 255, 0),))}
+    built = build_backdoored_digits(folder, target=1, trigger=specs[1], more=((specs[7], 7),), **RECIPE)
+    return {**built, "specs": specs}
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +175,30 @@ def test_blind_defence_never_sees_the_trigger_it_is_measured_with(backdoors, att
     assert abs(real_metrics(out, b["spec"]).asr - report["after"]["asr"]) < 0.02
 
 
+def test_two_backdoors_top_left_and_centre_are_both_named_and_both_removed(two_backdoors, tmp_path, capsys):
+    b = two_backdoors
+    assert min(b["asrs"]) > 0.9
+    out = tmp_path / "scan"
+    assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--quiet") == 0
+    report = json.loads((out / SCAN_FILE).read_text())
+    # both targets, the stronger first, and nothing else; the verdict says there may be more than one backdoor
+    assert [s["class"] for s in report["suspects"]] == [1, 7] and report["target"] == 1
+    assert all(s["anomaly_index"] > report["threshold"] for s in report["suspects"])
+    assert "2 target classes" in report["verdict"] and "more than one backdoor" in report["evidence"]
+    assert "2 target classes stand out" in capsys.readouterr().out
+    # --trigger unknown defends both, says so on the card, and both real triggers stop working
+    defended = tmp_path / "defended"
+    assert run_cli(b["model"], "--data", b["data"], "--trigger", "unknown", "--output", defended, "--quiet") == 0
+    scan = read_report(defended)["scan"]
+    assert scan["defence_targets"] == [1, 7] and [t["class"] for t in scan["unlearning"]["flips_after"]] == [1, 7]
+    assert all(t["flip"] <= 0.1 for t in scan["unlearning"]["flips_after"])
+    assert "worked against each of them: classes\n  1, 7" in (defended / "README.md").read_text()
+    for target, spec in b["specs"].items():
+        before, after = real_metrics(b["model"], spec, target), real_metrics(defended, spec, target)
+        assert before.asr > 0.9 and after.asr < 0.1, (target, before, after)
+        assert after.acc >= before.acc - ALPHA
+
+
 class _Toy(torch.nn.Module):
     """Two classes on 3x4x4 images: class 1 wins by 10 logits unless pixel (0, 0, 0) is lit, which adds
     `trigger_weight` x 255 to class 0 (the backdoor's target)."""
@@ -180,13 +228,13 @@ def test_pull_back_keeps_the_smallest_share_of_the_change_that_keeps_the_trigger
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 255, (12, 3, 4, 4), generator=gen, dtype=torch.uint8)
     labels = torch.tensor([1] * 9 + [0] * 3)
-    pulled = pull_back(model, original.state_dict(), [trigger], pixels, labels, 0, keep_flip=0.1)
+    pulled = pull_back(model, original.state_dict(), [trigger], pixels, labels, keep_flip=0.1)
     assert [t["share"] for t in pulled["tried"]] == [1.0, 0.9, 0.75] and pulled["share"] == 0.9
     assert [t["flips"] for t in pulled["tried"]] == [[0.0], [0.0], [1.0]]
     assert torch.allclose(model.lin.weight[0, 0], torch.tensor(0.2 * 0.1)) and int(model.steps) == 9
     # a trigger that already works on the defended model: nothing is pulled back
     loose = _Toy(0.1)
-    assert pull_back(loose, original.state_dict(), [trigger], pixels, labels, 0, keep_flip=0.1)["share"] == 1.0
+    assert pull_back(loose, original.state_dict(), [trigger], pixels, labels, keep_flip=0.1)["share"] == 1.0
     assert float(loose.lin.weight[0, 0]) == pytest.approx(0.1)
 
 

@@ -1,0 +1,68 @@
+"""The detection benchmark's design, checked without training: the population covers what the Hub has (families,
+datasets, trigger kinds, every corner and the centre, targets, poisoning rates, clean models with and without
+augmentation) on both sides of a split fixed before any scan, its triggers stamp what they say, and its summary
+counts a missed backdoor as a wrong target."""
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import detection  # noqa: E402
+from hf_gradprune.triggers import make_trigger  # noqa: E402
+
+
+def test_population_is_fixed_balanced_and_split_before_tuning():
+    specs = detection.population()
+    assert specs == detection.population()  # drawn from a fixed seed: the split never moves
+    assert len({s.name for s in specs}) == len(specs) == 60
+    for part in ("dev", "test"):
+        side = [s for s in specs if s.split == part]
+        assert Counter(s.backdoored for s in side) == {True: 20, False: 10}
+        # every family and dataset on both sides, clean models with and without augmentation on both sides
+        assert {(s.family, s.dataset) for s in side} == {(f, d) for f in detection.FAMILIES for d in detection.DATASETS}
+        assert {s.augment for s in side if not s.backdoored} == {True, False}
+        assert {s.trigger["kind"] for s in side if s.backdoored} == {"patch", "blend", "additive"}
+    backdoored = [s for s in specs if s.backdoored]
+    assert {s.trigger["place"] for s in backdoored if s.trigger["kind"] == "patch"} == set(detection.PLACES)
+    assert {s.trigger["size"] for s in backdoored if s.trigger["kind"] == "patch"} <= set(range(2, 7))
+    assert all(0.01 <= s.poison_rate <= 0.1 for s in backdoored)
+    assert len({s.target for s in backdoored}) > 15 and Counter(s.target for s in backdoored)[0] < 5
+    assert all(0.1 <= s.trigger["alpha"] <= 0.3 for s in backdoored if s.trigger["kind"] == "blend")
+
+
+def test_triggers_stamp_where_and_what_the_spec_says(tmp_path):
+    x = torch.full((2, 3, 32, 32), 100, dtype=torch.uint8)
+    for s in detection.population():
+        if not s.backdoored:
+            continue
+        t = s.trigger
+        stamped = make_trigger(detection.trigger_spec(t, tmp_path / s.name), (32, 32))(x)
+        changed = (stamped != x).any(1)[0]
+        if t["kind"] == "patch":  # only the patch's own pixels (a colour equal to the background may change none)
+            outside = changed.clone()
+            outside[t["y"]:t["y"] + t["size"], t["x"]:t["x"] + t["size"]] = False
+            assert not outside.any() and changed.any(), s.name
+        else:  # blends and additive signals touch most of the image
+            assert changed.float().mean() > 0.5, s.name
+
+
+def _row(name, split, backdoored, anomaly, right=False, called=None, kind="patch"):
+    return {"name": name, "split": split, "family": "f", "dataset": "d", "backdoored": backdoored,
+            "planted": True if backdoored else None, "anomaly": anomaly, "target_right": right,
+            "called_backdoored": anomaly > 2 if called is None else called,
+            "trigger": {"kind": kind} if backdoored else None, "timing_s": {"scan": 1.0}}
+
+
+def test_summary_counts_a_missed_backdoor_as_a_wrong_target():
+    rows = [_row("a", "dev", True, 6.0, right=True), _row("b", "dev", True, 3.0, right=False),  # wrong class named
+            _row("c", "dev", True, 1.0), _row("d", "dev", False, 0.5), _row("e", "dev", False, 2.5)]
+    rows.append({**_row("f", "dev", True, 0.1), "planted": False})  # not planted: left out
+    m = detection.summarise(rows)
+    assert (m["n_backdoored"], m["n_clean"]) == (3, 2) and m["not_planted"] == ["f"]
+    assert m["target_accuracy"] == 1 / 3 and m["detected"] == 2 / 3 and m["clean_called_clean"] == 0.5
+    # pairs (backdoored, clean) ranked right: 6 > both, 3 > both, 1 > 0.5 only -> 5 of 6
+    assert np.isclose(m["auroc"], 5 / 6)
