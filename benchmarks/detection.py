@@ -399,6 +399,7 @@ def summarise(rows: list[dict]) -> dict:
             "target_accuracy": share([bool(r["target_right"]) for r in bd]),
             "clean_called_clean": share([not r["called_backdoored"] for r in clean]),
             "detected": share([bool(r["called_backdoored"]) for r in bd]),
+            "target_scanned": share([r["target"] in {c["class"] for c in r["scan"]["per_class"]} for r in bd]),
             "n_backdoored": len(bd), "n_clean": len(clean),
             "not_planted": sorted(r["name"] for r in rows if r["backdoored"] and not r["planted"]),
             "scan_s_median": float(np.median([r["timing_s"]["scan"] for r in rows])) if rows else None}
@@ -422,7 +423,7 @@ def _pct(v: float | None) -> str:
 def _line(name: str, m: dict) -> str:
     au = "-" if m["auroc"] is None else f"{m['auroc']:.3f}"
     return (f"| {name} | {m['n_backdoored']} / {m['n_clean']} | {au} | {_pct(m['target_accuracy'])} | "
-            f"{_pct(m['detected'])} | {_pct(m['clean_called_clean'])} |")
+            f"{_pct(m['detected'])} | {_pct(m['clean_called_clean'])} | {_pct(m['target_scanned'])} |")
 
 
 def report(variant: str = "default") -> dict:
@@ -448,14 +449,14 @@ def report(variant: str = "default") -> dict:
 
 def write_page() -> None:
     """docs/detection.md, rebuilt from benchmarks/results/detection/ (never edited by hand)."""
-    head = "| part | backdoored / clean | AUROC | target right | called backdoored | clean called clean |\n" \
-           "|---|---|---|---|---|---|"
+    head = ("| part | backdoored / clean | AUROC | target right | called backdoored | clean called clean | "
+            "target among the classes scanned |\n|---|---|---|---|---|---|---|")
     lines = ["# Detection benchmark", "",
              "Made by `python benchmarks/detection.py report` from `benchmarks/results/detection/`; do not edit.",
              "What it is and how it was built: the docstring of `benchmarks/detection.py`. A backdoored model counts "
-             f"only when its backdoor took hold (ASR >= {PLANTED_ASR:.0%} on the test split); a missed backdoored model "
-             "counts as a wrong target. Dev models are the ones the scan's settings were chosen on; test models are "
-             "reported only.", ""]
+             f"only when its backdoor took hold (ASR >= {PLANTED_ASR:.0%} on the test split); a missed backdoored "
+             "model counts as a wrong target. Dev models are the ones the scan's settings were chosen on; test "
+             "models are reported only.", ""]
     variants = sorted(p.name for p in (RESULTS / "rows").iterdir() if p.is_dir()) if (RESULTS / "rows").is_dir() else []
     for variant in ["default"] + [v for v in variants if v != "default"]:
         rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
@@ -475,6 +476,15 @@ def write_page() -> None:
         fails = [r for r in rows if (r["backdoored"] and r["planted"] and not r["target_right"])
                  or (not r["backdoored"] and r["called_backdoored"])]
         lines += [f"- {r['split']} `{r['name']}` ({_trigger_words(r)}): {r['verdict']}" for r in fails] or ["- none"]
+        lines.append("")
+    if variants:
+        lines += ["## Evidence statistics on dev (the `default` rows' trigger sizes, recomputed offline)", "",
+                  "| statistic | backdoored / clean | AUROC | target right | called backdoored | clean called clean |",
+                  "|---|---|---|---|---|---|"]
+        for m in statistics("default", "dev"):
+            au = "-" if m["auroc"] is None else f"{m['auroc']:.3f}"
+            lines.append(f"| {m['statistic']} | {m['n_backdoored']} / {m['n_clean']} | {au} | "
+                         f"{_pct(m['target_accuracy'])} | {_pct(m['detected'])} | {_pct(m['clean_called_clean'])} |")
         lines.append("")
     lines += ["## Models", "", "| model | part | trigger | target | poison | augment | ACC | ASR | planted |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -502,6 +512,43 @@ def _trigger_words(row: dict) -> str:
         return f"{t['pattern']} blend, alpha {t['alpha']}"
     return f"additive {t['grid']}x{t['grid']} signal, +-{t['amplitude']}"
 
+# evidence statistics compared offline on the rows' per-class trigger sizes (no rescan): name -> (log size of a
+# class's evidence, smallest robust deviation as a factor)
+STATISTICS = {
+    "product, floor x1.5 (default)": (lambda c: np.log(c["patch_size"] * c["blend_size"] + 1e-6), 1.5),
+    "product, floor x2": (lambda c: np.log(c["patch_size"] * c["blend_size"] + 1e-6), 2.0),
+    "product, floor x3": (lambda c: np.log(c["patch_size"] * c["blend_size"] + 1e-6), 3.0),
+    "patch only, floor x1.5": (lambda c: np.log(c["patch_size"] + 1e-6), 1.5),
+    "blend only, floor x1.5": (lambda c: np.log(c["blend_size"] + 1e-6), 1.5),
+}
+
+
+def _index(per_class: list[dict], log_size, floor: float) -> dict[int, float]:
+    logs = np.array([log_size(c) for c in per_class])
+    med = np.median(logs)
+    mad = max(1.4826 * np.median(np.abs(logs - med)), np.log(floor))
+    return {c["class"]: float((med - v) / mad) for c, v in zip(per_class, logs)}
+
+
+def statistics(variant: str, part: str = "dev", threshold: float = 2.0) -> list[dict]:
+    """Each evidence statistic on one variant's rows: AUROC, target accuracy, clean called clean (dev only: choose
+    there, then report test apart)."""
+    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
+    rows = [r for r in rows if r["split"] == part and (r["planted"] or not r["backdoored"])]
+    out = []
+    for name, (log_size, floor) in STATISTICS.items():
+        scored = []
+        for r in rows:
+            idx = _index(r["scan"]["per_class"], log_size, floor)
+            best = max(idx, key=lambda c: (idx[c], -c))
+            scored.append({**r, "anomaly": idx[best], "called_backdoored": idx[best] > threshold,
+                           "target_right": idx[best] > threshold and best == r["target"]})
+        m = summarise(scored)
+        out.append({"statistic": name, **{k: m[k] for k in ("auroc", "target_accuracy", "detected",
+                                                             "clean_called_clean", "n_backdoored", "n_clean")}})
+    return out
+
+
 def ordered(specs: list[Spec], split: str | None) -> list[Spec]:
     """Dev before test, and within a split the cells in turn, so that a partly trained benchmark is balanced."""
     chosen = [s for s in specs if split in (None, s.split)]
@@ -520,7 +567,7 @@ def ordered(specs: list[Spec], split: str | None) -> list[Spec]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "scan", "report", "list"])
+    p.add_argument("command", choices=["train", "scan", "report", "list", "statistics"])
     p.add_argument("--data", type=Path, default=ROOT.parent.parent / "shared" / "data",
                    help="the folder holding cifar10/ and gtsrb/ in Hub layout")
     p.add_argument("--split", choices=["dev", "test"], help="only this part of the benchmark")
@@ -559,6 +606,9 @@ def main(argv: list[str] | None = None) -> None:
                 break
             if todo:
                 time.sleep(30)
+    elif args.command == "statistics":
+        for line in statistics(args.variant, args.split or "dev"):
+            print(json.dumps(line))
     else:
         report(args.variant)
 

