@@ -375,7 +375,7 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
            "variant": variant, "called_backdoored": found.backdoored, "reported_target": found.target,
            "best_class": found.best_class, "anomaly": found.anomaly, "family_found": found.family,
            "target_right": found.backdoored and found.target == target,
-           "verdict": report.get("verdict"), "scan": {k: report.get(k) for k in ("per_class", "probe", "candidates",
+           "verdict": report.get("verdict"), "scan": {k: report.get(k) for k in ("per_class", "probe", "evidence",
                                                                                  "runner_up", "suspects")},
            "timing_s": found.timing_s, "threads": torch.get_num_threads()}
     path.parent.mkdir(parents=True, exist_ok=True)

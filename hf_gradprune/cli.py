@@ -518,6 +518,7 @@ def scan_command(argv: list[str]) -> int:
         if progress:
             progress.close()
     print(f"{public_name(args.model, args.source_id)}: {report['verdict']}")
+    print(f"evidence: {report['evidence']}")
     print(f"report: {out / 'scan_report.json'}; synthesised triggers: "
           + ", ".join(str(out / f) for f in report["files"] if f.endswith(".png")))
     return EXIT_BACKDOORED if found.backdoored and args.fail_if_backdoored else 0

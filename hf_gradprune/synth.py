@@ -45,6 +45,8 @@ class ScanConfig:
     lr: float = 0.1
     flip: float = 0.9  # share of other classes' few-shot images the trigger must send to the class
     threshold: float = 2.0  # anomaly index above which a class is a backdoor's target (Neural Cleanse: 2)
+    also_share: float = 0.35  # another class is a suspect too when its index is above the threshold and at least
+    # this share of the target's (a second backdoor is planted as strongly as the first; a brittle clean class is not)
     max_classes: int = 10  # classes scanned; above it, the untargeted probe picks which
     candidates: int = 3  # of those, the probe's most-hit classes (the rest: seeded reference classes)
     probe_steps: int = 60
@@ -111,7 +113,8 @@ class ScanResult:
     probe: dict | None  # above max_classes: the probe's hit counts
     config: dict
     timing_s: dict = field(default_factory=dict)
-    suspects: list[int] = field(default_factory=list)  # every class above the threshold, most anomalous first
+    suspects: list[int] = field(default_factory=list)  # the target, then every class above the threshold with at least
+    # config["also_share"] of its index, most anomalous first
     suspect_triggers: dict[int, dict[str, Synthesised]] = field(default_factory=dict)  # per defence target
 
     @property
@@ -371,7 +374,8 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
     anomaly = both[best]
     backdoored = anomaly > cfg.threshold
     chosen = target if target is not None else best
-    suspects = [c for c in sorted(classes, key=lambda c: (-both[c], c)) if both[c] > cfg.threshold]
+    suspects = [c for c in sorted(classes, key=lambda c: (-both[c], c))
+                if both[c] > cfg.threshold and (c == best or both[c] >= cfg.also_share * anomaly)]
     # the trigger the defence stamps first: the family in which the chosen class stands out more
     family = max(FAMILIES, key=lambda f: (found[chosen][f].size < 1.0, index[f][chosen]))
     result = ScanResult(backdoored, chosen if backdoored or target is not None else None, best, float(anomaly),
@@ -397,13 +401,17 @@ def evidence(result: ScanResult) -> str:
     lead = result.anomaly - up["anomaly"] if up else float("inf")
     if len(result.suspects) > 1:
         return (f"{len(result.suspects)} classes stand out above the threshold {th}: the model may carry more than "
-                "one backdoor; each is defended against")
+                "one backdoor; --trigger unknown defends each")
     if not result.backdoored:
         return (f"no class stands out: the highest index {result.anomaly:.2f} is "
                 f"{'close to' if result.anomaly > 0.75 * th else 'below'} the threshold {th}")
     strength = "strong" if result.anomaly >= 2 * th and lead >= th else "weak"
-    return (f"{strength}: index {result.anomaly:.2f} against the threshold {th}; the runner-up class "
+    said = (f"{strength}: index {result.anomaly:.2f} against the threshold {th}; the runner-up class "
             f"{up['class'] if up else '-'} is at {up['anomaly'] if up else float('nan'):.2f}")
+    if up and up["anomaly"] > th:  # above the threshold but weak beside the target: said, not defended
+        said += (f", above the threshold too but under {100 * result.config['also_share']:.0f} % of the target's "
+                 "index, so taken for a brittle clean class rather than a second backdoor")
+    return said
 
 
 def verdict(result: ScanResult, class_names: list[str] | None = None) -> str:

@@ -104,7 +104,8 @@ def test_scan_finds_the_target_and_writes_the_trigger(backdoors, attack, tmp_pat
         assert png.name in report["files"]
         with Image.open(png) as img:
             assert img.size[0] > img.size[1] > 0  # trigger | clean image | stamped, side by side
-    assert "backdoored: target class 0 (zero)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "backdoored: target class 0 (zero)" in printed and f"evidence: {report['evidence']}" in printed
     # without the gate the same verdict exits 0
     assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--overwrite", "--quiet") == 0
 
@@ -183,22 +184,20 @@ def test_two_backdoors_top_left_and_centre_are_both_named_and_both_removed(two_b
     out = tmp_path / "scan"
     assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--quiet") == 0
     report = json.loads((out / SCAN_FILE).read_text())
-    # both targets, the stronger first, above the threshold; the verdict says there may be more than one backdoor.
-    # Not asserted: that no third class is named. Digits models are brittle enough that a clean class can stand out
-    # too (seen on 2 threads with a plain centre square: class 5 at 3.44), a false suspect the detection benchmark's
-    # dev split is there to remove (README, "When you do not know the trigger")
-    assert [s["class"] for s in report["suspects"]][:2] == [1, 7] and report["target"] == 1
+    # both targets, the stronger first, and no other class: digits models are brittle enough that a clean class
+    # also rises above the threshold (2 threads: class 8 at 3.27 beside 16.0 and 8.69), but far less than a planted
+    # backdoor, and a second suspect needs at least also_share of the target's index (docs/decisions.md)
+    assert [s["class"] for s in report["suspects"]] == [1, 7] and report["target"] == 1
     assert all(s["anomaly_index"] > report["threshold"] for s in report["suspects"])
     assert report["verdict"].startswith("backdoored: target class 1 (one)")
-    assert "also above the threshold: class" in report["verdict"] and "7 (seven) at" in report["verdict"]
+    assert "also above the threshold: class 7 (seven) at" in report["verdict"]
     assert "more than one backdoor" in report["evidence"]
     assert "also above the threshold" in capsys.readouterr().out
     # --trigger unknown defends every suspect, says so on the card, and both real triggers stop working
     defended = tmp_path / "defended"
     assert run_cli(b["model"], "--data", b["data"], "--trigger", "unknown", "--output", defended, "--quiet") == 0
     scan = read_report(defended)["scan"]
-    assert scan["defence_targets"][:2] == [1, 7]
-    assert [t["class"] for t in scan["unlearning"]["flips_after"]] == scan["defence_targets"]
+    assert scan["defence_targets"] == [1, 7] and [t["class"] for t in scan["unlearning"]["flips_after"]] == [1, 7]
     assert all(t["flip"] <= 0.1 for t in scan["unlearning"]["flips_after"])
     assert "worked against each of them: classes\n  1, 7" in (defended / "README.md").read_text()
     for target, spec in b["specs"].items():
