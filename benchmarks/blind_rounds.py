@@ -60,7 +60,7 @@ def recalibrate(model, images, batch=128):
 
 def synthesised_flips(model, triggers):
     """Per synthesised trigger: % of the few-shot images of other classes it sends to the target."""
-    return [round(100 * f, 1) for f in trigger_flips(model, triggers, pixels, labels, job.target)]
+    return [round(100 * f, 1) for f in trigger_flips(model, triggers, pixels, labels)]
 
 
 for name, o in options.items():
@@ -73,7 +73,7 @@ for name, o in options.items():
     for r in range(1, o.get("rounds", 3) + 1):
         if r > 1:
             fresh = resynthesise(model, pixels, labels, job.target, sc, r)
-            st = standing(job.scan, fresh)
+            st = standing(job.scan, job.target, fresh)
             if o.get("families") == "evidence":
                 fresh = [f for f in fresh if f.family == job.scan.family] or fresh
             triggers = triggers + fresh
