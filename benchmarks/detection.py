@@ -46,6 +46,7 @@ from zoo import CIFAR_MEAN, CIFAR_STD  # noqa: E402
 from hf_gradprune.demo import random_crop_flip  # noqa: E402
 from hf_gradprune.hub import Classifier  # noqa: E402
 from hf_gradprune.metrics import attack_metrics  # noqa: E402
+from hf_gradprune.synth import anomaly_index  # noqa: E402
 from hf_gradprune.triggers import TriggerSpec, make_trigger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -391,6 +392,12 @@ def auroc(scores_pos: list[float], scores_neg: list[float]) -> float | None:
     return wins / (len(scores_pos) * len(scores_neg))
 
 
+def failed(row: dict) -> bool:
+    """A planted backdoor whose target the scan did not name, or a clean model called backdoored."""
+    return (row["backdoored"] and row["planted"] and not row["target_right"]) or \
+        (not row["backdoored"] and row["called_backdoored"])
+
+
 def summarise(rows: list[dict]) -> dict:
     bd = [r for r in rows if r["backdoored"] and r["planted"]]
     clean = [r for r in rows if not r["backdoored"]]
@@ -412,7 +419,7 @@ def breakdown(rows: list[dict]) -> dict:
         groups = {}
         for r in rows:
             groups.setdefault(of(r), []).append(r)
-        out[key] = {g: summarise(rs if key == "trigger" and g == "clean" else rs) for g, rs in sorted(groups.items())}
+        out[key] = {g: summarise(rs) for g, rs in sorted(groups.items())}
     return out
 
 
@@ -436,8 +443,7 @@ def report(variant: str = "default") -> dict:
         summary[part] = {**summarise(rs), "by": breakdown(rs),
                          "failures": [{k: r[k] for k in ("name", "backdoored", "target", "reported_target",
                                                          "best_class", "anomaly", "trigger")}
-                                      for r in rs if (r["backdoored"] and r["planted"] and not r["target_right"])
-                                      or (not r["backdoored"] and r["called_backdoored"])]}
+                                      for r in rs if failed(r)]}
     out = RESULTS / ("summary.json" if variant == "default" else f"summary-{variant}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
@@ -473,8 +479,7 @@ def write_page() -> None:
         lines += ["", f"Scanned: {len(scanned)} of {len(population())} models; median scan time "
                       f"{np.median([r['timing_s']['scan'] for r in rows]):.0f} s (one thread, other jobs beside it).",
                   "", "Failures:", ""]
-        fails = [r for r in rows if (r["backdoored"] and r["planted"] and not r["target_right"])
-                 or (not r["backdoored"] and r["called_backdoored"])]
+        fails = [r for r in rows if failed(r)]
         lines += [f"- {r['split']} `{r['name']}` ({_trigger_words(r)}): {r['verdict']}" for r in fails] or ["- none"]
         lines.append("")
     if variants:
@@ -491,10 +496,12 @@ def write_page() -> None:
     for s in population():
         info_path = model_dir(s) / "info.json"
         rows = list((RESULTS / "rows").glob(f"*/{s.name}.json")) if (RESULTS / "rows").is_dir() else []
-        info = json.loads(info_path.read_text()) if info_path.is_file() else \
-            (json.loads(rows[0].read_text())["model"] | {"planted": json.loads(rows[0].read_text())["planted"]}
-             if rows else None)
-        if info is None:
+        if info_path.is_file():  # trained here; otherwise what its scan row recorded of it
+            info = json.loads(info_path.read_text())
+        elif rows:
+            row = json.loads(rows[0].read_text())
+            info = {**row["model"], "planted": row["planted"]}
+        else:
             continue
         lines.append(f"| {s.name} | {s.split} | {_trigger_words({'trigger': s.trigger})} | {s.target} | "
                      f"{100 * s.poison_rate:.1f} % | {'yes' if s.augment else 'no'} | {100 * info['acc']:.1f} | "
@@ -512,22 +519,15 @@ def _trigger_words(row: dict) -> str:
         return f"{t['pattern']} blend, alpha {t['alpha']}"
     return f"additive {t['grid']}x{t['grid']} signal, +-{t['amplitude']}"
 
-# evidence statistics compared offline on the rows' per-class trigger sizes (no rescan): name -> (log size of a
-# class's evidence, smallest robust deviation as a factor)
+# evidence statistics compared offline on the rows' per-class trigger sizes (no rescan): name -> (a class's evidence
+# size, the smallest robust deviation of log sizes, as a factor)
 STATISTICS = {
-    "product, floor x1.5 (default)": (lambda c: np.log(c["patch_size"] * c["blend_size"] + 1e-6), 1.5),
-    "product, floor x2": (lambda c: np.log(c["patch_size"] * c["blend_size"] + 1e-6), 2.0),
-    "product, floor x3": (lambda c: np.log(c["patch_size"] * c["blend_size"] + 1e-6), 3.0),
-    "patch only, floor x1.5": (lambda c: np.log(c["patch_size"] + 1e-6), 1.5),
-    "blend only, floor x1.5": (lambda c: np.log(c["blend_size"] + 1e-6), 1.5),
+    "product, floor x1.5 (default)": (lambda c: c["patch_size"] * c["blend_size"], 1.5),
+    "product, floor x2": (lambda c: c["patch_size"] * c["blend_size"], 2.0),
+    "product, floor x3": (lambda c: c["patch_size"] * c["blend_size"], 3.0),
+    "patch only, floor x1.5": (lambda c: c["patch_size"], 1.5),
+    "blend only, floor x1.5": (lambda c: c["blend_size"], 1.5),
 }
-
-
-def _index(per_class: list[dict], log_size, floor: float) -> dict[int, float]:
-    logs = np.array([log_size(c) for c in per_class])
-    med = np.median(logs)
-    mad = max(1.4826 * np.median(np.abs(logs - med)), np.log(floor))
-    return {c["class"]: float((med - v) / mad) for c, v in zip(per_class, logs)}
 
 
 def statistics(variant: str, part: str = "dev", threshold: float = 2.0) -> list[dict]:
@@ -536,10 +536,12 @@ def statistics(variant: str, part: str = "dev", threshold: float = 2.0) -> list[
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
     rows = [r for r in rows if r["split"] == part and (r["planted"] or not r["backdoored"])]
     out = []
-    for name, (log_size, floor) in STATISTICS.items():
+    for name, (size, floor) in STATISTICS.items():
         scored = []
         for r in rows:
-            idx = _index(r["scan"]["per_class"], log_size, floor)
+            per_class = r["scan"]["per_class"]
+            idx = dict(zip([c["class"] for c in per_class],
+                           anomaly_index([size(c) for c in per_class], float(np.log(floor)))))
             best = max(idx, key=lambda c: (idx[c], -c))
             scored.append({**r, "anomaly": idx[best], "called_backdoored": idx[best] > threshold,
                            "target_right": idx[best] > threshold and best == r["target"]})

@@ -366,7 +366,8 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
     does not add up over the rounds; "defended" unlearns on top of the last round. Then (cfg.scan.keep_flip) the
     weights are pulled back toward the original as far as every trigger found stays out (synth.pull_back)."""
     t, sc = job.tensors, cfg.scan_config(job.batch_size)
-    triggers = usable_triggers(job.scan)
+    scanned = usable_triggers(job.scan)
+    triggers = list(scanned)
     targets = job.scan.defence_targets
     rounds = [{"round": 1, "targets": targets, "triggers": [x.describe() for x in triggers],
                "finetune_epochs": _epochs(defence)}]
@@ -402,7 +403,6 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
     # what the scan's triggers (the evidence) still do to the saved weights: that every suspect's backdoor is gone.
     # Later rounds' triggers are left out: they are the defended model's next-easiest ways in, large natural
     # triggers (6-10 % patches) that any model has
-    scanned = usable_triggers(job.scan)
     after = trigger_flips(job.loaded.model, scanned, pixels, labels, sc.chunk_size or 256)
     per_target = [{"class": c, "flip": max((f for x, f in zip(scanned, after) if x.target == c), default=0.0)}
                   for c in targets]

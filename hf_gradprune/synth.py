@@ -110,7 +110,8 @@ class ScanResult:
     scanned: list[int]  # the classes synthesised for
     per_class: list[dict]  # per scanned class: sizes, flips, anomaly indices per family
     triggers: dict[str, Synthesised]  # family -> the trigger synthesised for best_class
-    probe: dict | None  # above max_classes: the probe's hit counts
+    probe: dict | None  # above max_classes, how the scanned classes were chosen: the probe's hit counts or the
+    # screen's promise per class
     config: dict
     timing_s: dict = field(default_factory=dict)
     suspects: list[int] = field(default_factory=list)  # the target, then every class above the threshold with at least
@@ -291,7 +292,7 @@ def probe(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_clas
     return hits
 
 
-def _anomaly(sizes: list[float]) -> list[float]:
+def anomaly_index(sizes: list[float], min_spread: float = MIN_SPREAD) -> list[float]:
     """Neural Cleanse's anomaly index on the small side, on log sizes: how many robust standard deviations a
     class's trigger is below the median class's."""
     logs = np.log(np.asarray(sizes, dtype=np.float64) + 1e-6)
@@ -300,7 +301,7 @@ def _anomaly(sizes: list[float]) -> list[float]:
     # classes alike (a clean model: sizes within a few per cent of each other) must not make a class somewhat
     # below the median look like a target: one robust deviation is at least a factor of 1.5, so at the threshold
     # 2 a target's trigger is at least 2.25x smaller than the median class's
-    mad = max(mad, MIN_SPREAD)
+    mad = max(mad, min_spread)
     return [float((med - v) / mad) for v in logs]
 
 
@@ -317,10 +318,6 @@ def scan_classes(num_classes: int, cfg: ScanConfig, ranked: list[int] | None, fo
     return chosen
 
 
-def _screens(num_classes: int, cfg: ScanConfig) -> bool:
-    return num_classes > cfg.max_classes and cfg.select == "screen" and num_classes <= cfg.screen_classes
-
-
 def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_classes: int,
          cfg: ScanConfig = ScanConfig(), target: int | None = None,
          emit: ProgressCallback = lambda event: None) -> ScanResult:
@@ -330,22 +327,22 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
     t0 = time.perf_counter()
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    hits, ranked, searches = None, None, {}
-    screening = _screens(num_classes, cfg)
+    ranked, searches, selection = None, {}, None
     with grads_only_for(model, []):
-        if num_classes > cfg.max_classes and not screening:
-            emit(ProgressEvent("scan",
-                               message=f"probing which of {num_classes} classes a small trigger sends images to"))
-            hits = probe(model, pixels, labels, num_classes, cfg, gen)
-            ranked = torch.argsort(hits, descending=True, stable=True).tolist()
-        elif screening:  # K-Arm's idea: a few steps for every class, then the budget goes to the promising ones
+        if num_classes > cfg.max_classes and cfg.select == "screen" and num_classes <= cfg.screen_classes:
+            # K-Arm's idea: a few steps for every class, then the budget goes to the promising ones
             emit(ProgressEvent("scan", message=f"screening all {num_classes} classes ({cfg.screen_steps} steps each)"))
             for c in range(num_classes):
                 searches[c] = {f: _advance(model, _start(pixels, labels, c, f, cfg, gen), pixels, labels,
                                            cfg.screen_steps, cfg, gen) for f in FAMILIES}
                 emit(ProgressEvent("scan", step=c + 1, total=num_classes, values={"screened": c}))
             promise = {c: float(np.prod([searches[c][f].promise for f in FAMILIES])) for c in searches}
-            ranked = sorted(searches, key=lambda c: (promise[c], c))
+            ranked, selection = sorted(searches, key=lambda c: (promise[c], c)), {"screen_promise": promise}
+        elif num_classes > cfg.max_classes:
+            emit(ProgressEvent("scan",
+                               message=f"probing which of {num_classes} classes a small trigger sends images to"))
+            hits = probe(model, pixels, labels, num_classes, cfg, gen)
+            ranked, selection = torch.argsort(hits, descending=True, stable=True).tolist(), {"hits": hits.tolist()}
         t_probe = time.perf_counter() - t0
         classes = scan_classes(num_classes, cfg, ranked, target)
         found: dict[int, dict[str, Synthesised]] = {}
@@ -362,11 +359,11 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
                     found[c][family] = synthesise(model, pixels, labels, c, family, cfg, gen)
                 emit(ProgressEvent("scan", step=i * len(FAMILIES) + j + 1, total=total,
                                    values={"class": c, family: found[c][family].size}))
-    index = {f: dict(zip(classes, _anomaly([found[c][f].size for c in classes]))) for f in FAMILIES}
+    index = {f: dict(zip(classes, anomaly_index([found[c][f].size for c in classes]))) for f in FAMILIES}
     # the evidence: one index over the product of the two families' sizes. A target shrinks in both (CIFAR-10,
     # 150 steps: BadNets 10x in patch, 1.2x in blend; Blended 2x and 2x; LF 3x and 3x), a clean class's
     # sizes wander independently
-    both = dict(zip(classes, _anomaly([found[c]["patch"].size * found[c]["blend"].size for c in classes])))
+    both = dict(zip(classes, anomaly_index([found[c]["patch"].size * found[c]["blend"].size for c in classes])))
     per_class = [{"class": c, **{f"{f}_size": found[c][f].size for f in FAMILIES},
                   **{f"{f}_flip": found[c][f].flip for f in FAMILIES},
                   **{f"{f}_anomaly": index[f][c] for f in FAMILIES}, "anomaly": both[c]} for c in classes]
@@ -379,19 +376,10 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
     # the trigger the defence stamps first: the family in which the chosen class stands out more
     family = max(FAMILIES, key=lambda f: (found[chosen][f].size < 1.0, index[f][chosen]))
     result = ScanResult(backdoored, chosen if backdoored or target is not None else None, best, float(anomaly),
-                        family, classes, per_class, found[chosen], _selection(hits, searches), asdict(cfg),
+                        family, classes, per_class, found[chosen], selection, asdict(cfg),
                         {"probe": t_probe, "scan": time.perf_counter() - t0}, suspects)
     result.suspect_triggers = {c: found[c] for c in result.defence_targets}
     return result
-
-
-def _selection(hits: torch.Tensor | None, searches: dict) -> dict | None:
-    """How the scanned classes were chosen (above max_classes): the probe's hit counts or the screen's promise."""
-    if hits is not None:
-        return {"hits": hits.tolist()}
-    if searches:
-        return {"screen_promise": {c: float(np.prod([searches[c][f].promise for f in FAMILIES])) for c in searches}}
-    return None
 
 
 def evidence(result: ScanResult) -> str:
@@ -464,7 +452,7 @@ def standing(result: ScanResult, target: int, fresh: list[Synthesised]) -> float
     the target still stands out after a round of unlearning."""
     sizes = {t.family: t.size for t in fresh}
     others = [c["patch_size"] * c["blend_size"] for c in result.per_class if c["class"] != target]
-    return _anomaly(others + [float(np.prod([sizes.get(f, 1.0) for f in FAMILIES]))])[-1]
+    return anomaly_index(others + [float(np.prod([sizes.get(f, 1.0) for f in FAMILIES]))])[-1]
 
 
 def stamp_twins(triggers: list[Synthesised], x: torch.Tensor) -> torch.Tensor:
