@@ -223,7 +223,11 @@ def _optimiser(model: torch.nn.Module, family: str, steps: int):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
         peak = 0.05
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+        params = model.parameters()
+        if not FAMILIES[family].get("decay_1d", True):  # timm's own recipe: no decay on norms, biases, layer scales
+            from timm.optim import param_groups_weight_decay
+            params = param_groups_weight_decay(model, weight_decay=0.05)
+        opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
         peak = 2e-3
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=steps, pct_start=0.2)
 

@@ -1,9 +1,11 @@
 """What the scan (`hf-gradprune scan`, `--trigger unknown`) costs as the number of classes grows: 10 (CIFAR-10), 43
 (GTSRB), 100 and 1000 (ImageNet) classes.
 
-    python benchmarks/scan_cost.py [--classes 10 43 100 1000] [--spc 10] [--full 20] [--results DIR]
+    python benchmarks/scan_cost.py [--model cpu-tier] [--classes 10 43 100 1000] [--spc 10] [--full 20] [--results DIR]
 
-The cpu tier's model (timm resnet18 at half width, 32 px) with random weights and random few-shot images: the scan
+`--model`: the cpu tier's model (timm resnet18 at half width, 32 px; the default), a full-width timm resnet18 at
+32 px, or the detection benchmark's transformers ViT and timm ConvNeXt (`benchmarks/detection.py`'s FAMILIES).
+Random weights and random few-shot images: the scan
 runs a fixed number of Adam steps whatever the weights, so time does not depend on them. Up to `max_classes` (10)
 classes every class is scanned (2 optimisations each); above it an untargeted probe picks 10 classes, so the
 optimisations stay at 20 and only the probe's last pass (one forward over all few-shot images) grows with K.
@@ -28,10 +30,25 @@ from hf_gradprune.synth import FAMILIES, ScanConfig, scan
 ROOT = Path(__file__).resolve().parent
 
 MODEL_ARGS = {"channels": [32, 64, 128, 256], "stem_width": 32}  # the cpu tier's CIFAR-10 / GTSRB model
+MODELS = ("cpu-tier", "resnet18-full", "detection-vit", "detection-convnext")
 
 
-def cell(classes: int, spc: int, full: bool) -> dict:
-    model = timm_classifier("resnet18", [f"class{i}" for i in range(classes)], size=32, **MODEL_ARGS).eval()
+def build(name: str, classes: int):
+    """The model to time, with random weights (the scan's cost does not depend on them)."""
+    labels = [f"class{i}" for i in range(classes)]
+    if name == "cpu-tier":
+        return timm_classifier("resnet18", labels, size=32, **MODEL_ARGS)
+    if name == "resnet18-full":
+        return timm_classifier("resnet18", labels, size=32)
+    sys.path.insert(0, str(ROOT))
+    from detection import Spec, build as build_family
+    family = {"detection-vit": "hf-vit", "detection-convnext": "timm-convnext"}[name]
+    spec = Spec(name, "dev", "cifar10", family, None, None, 0.0, False, 0)
+    return build_family(spec, labels)[0]
+
+
+def cell(model_name: str, classes: int, spc: int, full: bool) -> dict:
+    model = build(model_name, classes).eval()
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(np.repeat(np.arange(classes), spc))
     pixels = torch.from_numpy(rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8))
@@ -39,7 +56,8 @@ def cell(classes: int, spc: int, full: bool) -> dict:
     res = scan(model, pixels, labels, classes, cfg)
     optimisations = len(res.scanned) * len(FAMILIES)
     steps = optimisations * cfg.steps + (len(FAMILIES) * cfg.probe_steps if res.probe is not None else 0)
-    return {"classes": classes, "spc": spc, "images": len(labels), "path": "full" if full else "default",
+    return {"model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
+            "classes": classes, "spc": spc, "images": len(labels), "path": "full" if full else "default",
             "scanned_classes": len(res.scanned), "optimisations": optimisations, "adam_steps": steps,
             "batch": cfg.batch_size, "probe_s": res.timing_s["probe"], "scan_s": res.timing_s["scan"],
             "ms_per_step": 1000 * res.timing_s["scan"] / steps, "threads": torch.get_num_threads(),
@@ -47,34 +65,35 @@ def cell(classes: int, spc: int, full: bool) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| classes | few-shot images | path | classes scanned | optimisations | Adam steps (batch 64) | "
-             "probe s | scan s (probe included) | ms / step |", "|---" * 9 + "|"]
-    for r in sorted(rows, key=lambda r: (r["classes"], r["path"])):
-        lines.append(f"| {r['classes']} | {r['images']} | {r['path']} | {r['scanned_classes']} | {r['optimisations']} | "
+    lines = ["| model | parameters | classes | few-shot images | path | classes scanned | optimisations | "
+             "Adam steps (batch 64) | probe s | scan s (probe included) | ms / step |", "|---" * 11 + "|"]
+    for r in sorted(rows, key=lambda r: (MODELS.index(r.get("model", "cpu-tier")), r["classes"], r["path"])):
+        params = f"{r['parameters'] / 1e6:.2f} M" if "parameters" in r else "-"
+        lines.append(f"| {r.get('model', 'cpu-tier')} | {params} | {r['classes']} | {r['images']} | {r['path']} | "
+                     f"{r['scanned_classes']} | {r['optimisations']} | "
                      f"{r['adam_steps']} | {r['probe_s']:.1f} | {r['scan_s']:.1f} | {r['ms_per_step']:.1f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=MODELS, default="cpu-tier", help="the model to time (see above)")
     ap.add_argument("--classes", type=int, nargs="*", default=[10, 43, 100, 1000])
     ap.add_argument("--spc", type=int, default=10, help="few-shot images per class")
     ap.add_argument("--full", type=int, nargs="*", default=[20], help="class counts to time the per-class scan at too")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "scan-cost")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    rows = []
+    prefix = "" if args.model == "cpu-tier" else f"{args.model}-"  # the cpu tier's rows keep their names
     for classes, full in [(k, False) for k in args.classes] + [(k, True) for k in args.full if k > 10]:
-        path = args.results / "rows" / f"k{classes}-spc{args.spc}-{'full' if full else 'default'}.json"
-        if path.is_file():
-            row = json.loads(path.read_text())
-        else:
-            row = cell(classes, args.spc, full)
+        path = args.results / "rows" / f"{prefix}k{classes}-spc{args.spc}-{'full' if full else 'default'}.json"
+        if not path.is_file():
+            row = cell(args.model, classes, args.spc, full)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(row, indent=2))
-        print(f"{classes} classes, {row['path']}: {row['optimisations']} optimisations, {row['scan_s']:.1f} s",
-              file=sys.stderr, flush=True)
-        rows.append(row)
+            print(f"{args.model}, {classes} classes, {row['path']}: {row['optimisations']} optimisations, "
+                  f"{row['scan_s']:.1f} s", file=sys.stderr, flush=True)
+    rows = [json.loads(p.read_text()) for p in sorted((args.results / "rows").glob("*.json"))]  # every model's rows
     text = table(rows)
     (args.results / "scan_cost.json").write_text(json.dumps(rows, indent=2))
     (args.results / "scan_cost.md").write_text(text + "\n")

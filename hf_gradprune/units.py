@@ -224,15 +224,44 @@ def _holds(model: nn.Module, fam: Family, example: torch.Tensor) -> bool:
     """The exact check, both ways, on every other unit: with their consumer side at zero their producer slices get
     exactly zero gradient (nothing else reads them), and with their producer side at zero their consumer slices
     do (nothing else writes what those read: no residual stream, no gate of 0.5). With nothing zeroed both sides
-    get some gradient (the pairing reaches the output). Units that are already dead (pruned before, or a ReLU
-    that never fires) pass the first two for free and do not spoil the third."""
+    get some gradient (the pairing reaches the output). The check is about which layer reads what, not about the
+    values: units pruned before (every slice exactly zero) are given random values while it runs, so that a layer
+    whose units were all pruned by an earlier defence is still recognised; a ReLU that never fires passes the first
+    two for free and does not spoil the third."""
     chosen = torch.arange(fam.count) % 2 == 0 if fam.count > 1 else torch.ones(1, dtype=torch.bool)
     producers = [p for p in fam.parts if p.producer]
     consumers = [p for p in fam.parts if not p.producer]
     everyone = torch.ones(fam.count, dtype=torch.bool)
-    return (_grads_zero(model, fam.count, [], producers + consumers, everyone, example) is False
-            and _grads_zero(model, fam.count, consumers, producers, chosen, example) is True
-            and _grads_zero(model, fam.count, producers, consumers, chosen, example) is True)
+    with _pruned_units_revived(fam):
+        return (_grads_zero(model, fam.count, [], producers + consumers, everyone, example) is False
+                and _grads_zero(model, fam.count, consumers, producers, chosen, example) is True
+                and _grads_zero(model, fam.count, producers, consumers, chosen, example) is True)
+
+
+@contextlib.contextmanager
+def _pruned_units_revived(*families: Family) -> Iterator[None]:
+    """Fill the units whose every slice is exactly zero with small seeded random values, and restore them after."""
+    saved: list[tuple[Part, torch.Tensor]] = []
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for fam in families:
+            pruned = torch.ones(fam.count, dtype=torch.bool)
+            for p in fam.parts:
+                slices = p.param.detach().movedim(p.dim, 0)[p.index.flatten().to(p.param.device)]
+                pruned &= (slices.reshape(fam.count, -1) == 0).all(1).cpu()
+            if not pruned.any():
+                continue
+            for p in fam.parts:
+                saved.append((p, p.param.detach().clone()))
+                idx = p.index[pruned].flatten().to(p.param.device)
+                shape = p.param.index_select(p.dim, idx).shape
+                p.param.index_copy_(p.dim, idx, (0.02 * torch.randn(shape, generator=gen)).to(p.param))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, original in reversed(saved):
+                p.param.copy_(original)
 
 
 def _grads_zero(model: nn.Module, count: int, zeroed: list[Part], watched: list[Part], chosen: torch.Tensor,
@@ -287,17 +316,18 @@ def find_units(model: nn.Module, net: nn.Module, example: torch.Tensor, head: nn
     others: list[Family] = []
     taken: set[str] = {f.layer for f in families}  # a conv into a batch norm is a filter, never also a neuron
     owned: set[int] = set()  # producer weights of the heads found (a module above an attention may say num_heads too)
-    for fam in _heads(net, modules, order):
-        weights = {id(p.param) for p in fam.parts if p.scored}
-        if not weights & owned and _holds(model, fam, example):
-            others.append(fam)
-            owned |= weights
-            taken |= {n for n, m in modules.items() if id(getattr(m, "weight", None)) in weights}
-    neuron_layers: set[str] = set()
-    for fam in _neurons(modules, order, taken, head_name):
-        if fam.layer not in neuron_layers and _holds(model, fam, example):
-            others.append(fam)
-            neuron_layers.add(fam.layer)
+    with _pruned_units_revived(*families):  # a filter layer pruned to nothing still feeds what reads it (an SE block)
+        for fam in _heads(net, modules, order):
+            weights = {id(p.param) for p in fam.parts if p.scored}
+            if not weights & owned and _holds(model, fam, example):
+                others.append(fam)
+                owned |= weights
+                taken |= {n for n, m in modules.items() if id(getattr(m, "weight", None)) in weights}
+        neuron_layers: set[str] = set()
+        for fam in _neurons(modules, order, taken, head_name):
+            if fam.layer not in neuron_layers and _holds(model, fam, example):
+                others.append(fam)
+                neuron_layers.add(fam.layer)
     position = {n: i for i, n in enumerate(order)}
     others.sort(key=lambda f: position.get(f.layer, position.get(_first_producer(f, modules), 0)))
     return families + others

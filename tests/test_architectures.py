@@ -102,6 +102,30 @@ def test_units_are_found_and_truly_inactive_once_zeroed(arch):
             assert torch.count_nonzero(grad) == 0, (fam.kind, fam.layer)
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_a_layer_whose_units_were_all_pruned_is_still_found(arch):
+    """A defended model reloaded (or defended twice) may have a layer with no unit left: what it reads and writes
+    has not changed, so it is the same family, found the same way."""
+    build, _ = ARCHS[arch]
+    torch.manual_seed(0)
+    model = as_if_trained(build())
+    x = images(2)
+    before = [(f.kind, f.layer, f.count) for f in find_units(model, model.net, x)]
+    pruner = UnitPruner(find_units(model, model.net, x))
+    by_kind: dict[str, list[int]] = {}
+    for i, fam in enumerate(pruner.families):
+        by_kind.setdefault(fam.kind, []).append(i)
+    for i in (members[len(members) // 2] for members in by_kind.values()):  # one layer of each kind, in turn
+        fam = pruner.families[i]
+        for unit in range(fam.count):
+            pruner.prune(i, unit)
+        zeroed = {k: v.clone() for k, v in model.net.state_dict().items()}
+        assert [(f.kind, f.layer, f.count) for f in find_units(model, model.net, x)] == before, fam.layer
+        assert all(torch.equal(v, zeroed[k]) for k, v in model.net.state_dict().items())  # the check left no trace
+        for _ in range(fam.count):
+            pruner.undo_last()
+
+
 def test_a_residual_stream_channel_is_never_a_unit():
     """ViT's patch embedding and ConvNeXt's stem feed every block (the stem through a LayerNorm over all channels):
     zeroing one of their channels is not silencing a unit, so they are not candidates."""
