@@ -223,11 +223,7 @@ def _optimiser(model: torch.nn.Module, family: str, steps: int):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
         peak = 0.05
     else:
-        params = model.parameters()
-        if not FAMILIES[family].get("decay_1d", True):  # timm's own recipe: no decay on norms, biases, layer scales
-            from timm.optim import param_groups_weight_decay
-            params = param_groups_weight_decay(model, weight_decay=0.05)
-        opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
         peak = 2e-3
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=steps, pct_start=0.2)
 
@@ -360,9 +356,9 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
     from hf_gradprune.pipeline import run_scan
     from hf_gradprune.synth import ScanConfig
     path = row_path(variant, spec)
-    if path.is_file():
+    if path.is_file() and json.loads(path.read_text()).get("key") == spec.key():
         return json.loads(path.read_text())
-    folder = model_dir(spec)
+    folder = model_dir(spec)  # no row, or a row of this model's earlier configuration: scanned (again)
     if not (folder / "info.json").is_file():
         return None  # not trained yet
     info = json.loads((folder / "info.json").read_text())
@@ -372,7 +368,7 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
                         scan=replace(ScanConfig(), **VARIANTS[variant]))
         found, report, _ = run_scan(cfg)
     target = spec.target
-    row = {"name": spec.name, "split": spec.split, "dataset": spec.dataset, "family": spec.family,
+    row = {"name": spec.name, "key": spec.key(), "split": spec.split, "dataset": spec.dataset, "family": spec.family,
            "backdoored": spec.backdoored, "planted": info["planted"], "target": target,
            "trigger": spec.trigger, "poison_rate": spec.poison_rate, "augment": spec.augment,
            "model": {k: info[k] for k in ("acc", "asr", "ra", "train_s")},
@@ -386,6 +382,14 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=1, default=str))
     return row
+
+
+def current_rows(variant: str) -> list[dict]:
+    """The variant's rows of the models as the benchmark now defines them (a row of a model trained under an
+    earlier configuration of its family does not count; `scan` replaces it)."""
+    keys = {spec.name: spec.key() for spec in population()}
+    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
+    return [r for r in rows if r.get("key") == keys.get(r["name"])]
 
 
 def auroc(scores_pos: list[float], scores_neg: list[float]) -> float | None:
@@ -440,7 +444,7 @@ def _line(name: str, m: dict) -> str:
 def report(variant: str = "default") -> dict:
     """summary.json (dev and test apart, with breakdowns) from the rows of one variant; the page docs/detection.md
     from every variant's rows."""
-    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
+    rows = current_rows(variant)
     summary = {"variant": variant, "config": VARIANTS.get(variant), "spc": SPC, "few_shot_seed": FEW_SHOT_SEED}
     for part in ("dev", "test"):
         rs = [r for r in rows if r["split"] == part]
@@ -469,7 +473,7 @@ def write_page() -> None:
              "models are reported only.", ""]
     variants = sorted(p.name for p in (RESULTS / "rows").iterdir() if p.is_dir()) if (RESULTS / "rows").is_dir() else []
     for variant in ["default"] + [v for v in variants if v != "default"]:
-        rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
+        rows = current_rows(variant)
         if not rows:
             continue
         lines += [f"## Scan `{variant}` ({json.dumps(VARIANTS.get(variant, {}))})", "", head]
@@ -537,8 +541,7 @@ STATISTICS = {
 def statistics(variant: str, part: str = "dev", threshold: float = 2.0) -> list[dict]:
     """Each evidence statistic on one variant's rows: AUROC, target accuracy, clean called clean (dev only: choose
     there, then report test apart)."""
-    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
-    rows = [r for r in rows if r["split"] == part and (r["planted"] or not r["backdoored"])]
+    rows = [r for r in current_rows(variant) if r["split"] == part and (r["planted"] or not r["backdoored"])]
     out = []
     for name, (size, floor) in STATISTICS.items():
         scored = []
