@@ -356,8 +356,9 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
     from hf_gradprune.pipeline import run_scan
     from hf_gradprune.synth import ScanConfig
     path = row_path(variant, spec)
-    if path.is_file() and json.loads(path.read_text()).get("key") == spec.key():
-        return json.loads(path.read_text())
+    row = json.loads(path.read_text()) if path.is_file() else {}
+    if row.get("key") == spec.key():
+        return row
     folder = model_dir(spec)  # no row, or a row of this model's earlier configuration: scanned (again)
     if not (folder / "info.json").is_file():
         return None  # not trained yet

@@ -40,10 +40,12 @@ def build(name: str, classes: int):
         return timm_classifier("resnet18", labels, size=32, **MODEL_ARGS)
     if name == "resnet18-full":
         return timm_classifier("resnet18", labels, size=32)
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from detection import Spec, build as build_family
     family = {"detection-vit": "hf-vit", "detection-convnext": "timm-convnext"}[name]
-    spec = Spec(name, "dev", "cifar10", family, None, None, 0.0, False, 0)
+    spec = Spec(name=name, split="dev", dataset="cifar10", family=family, trigger=None, target=None, poison_rate=0.0,
+                augment=False, seed=0)
     return build_family(spec, labels)[0]
 
 

@@ -149,8 +149,8 @@ def synced_batch_norm(model: nn.Module, procs: Procs) -> Iterator[None]:
     """While training, batch-norm layers normalise with the statistics of the whole global batch, computed the same
     way on 1 and N processes (two passes: sum and count, then the squared deviations; one differentiable all-reduce
     each on N). torch's SyncBatchNorm refuses CPU tensors (no gloo), so this small version runs on any backend; and
-    one process uses it too, because torch's own batch norm is another computation (measured: the weights after
-    2 fine-tuning epochs on 1 and 2 processes agreed 75 times closer with one formula for both)."""
+    one process uses it too, because torch's own batch norm is another computation, whose difference fine-tuning
+    amplifies (the same seed must give the same weights on 1 and N processes; figures in docs/decisions.md)."""
     patched = []
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
