@@ -65,7 +65,7 @@ FAMILIES = {
                     "args": {"channels": [16, 32, 64, 128], "stem_width": 16}},
     "timm-mobilenetv3": {"library": "timm", "arch": "mobilenetv3_small_050", "epochs": 10, "optim": "sgd",
                          "args": {}},
-    "timm-convnext": {"library": "timm", "arch": "convnext_atto", "epochs": 10, "optim": "adamw",
+    "timm-convnext": {"library": "timm", "arch": "convnext_atto", "epochs": 20, "optim": "adamw", "lr": 4e-3,
                       "args": {"patch_size": 2, "dims": [32, 64, 128, 256], "depths": [1, 1, 2, 1]}},
     "hf-vit": {"library": "transformers", "arch": "ViT", "epochs": 12, "optim": "adamw",
                "args": {"image_size": 32, "patch_size": 4, "hidden_size": 64, "num_hidden_layers": 4,
@@ -220,11 +220,11 @@ def build(spec: Spec, names: list[str]) -> tuple[Classifier, object]:
 
 def _optimiser(model: torch.nn.Module, family: str, steps: int):
     if FAMILIES[family]["optim"] == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-        peak = 0.05
+        peak = FAMILIES[family].get("lr", 0.05)
+        opt = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, weight_decay=5e-4, nesterov=True)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-        peak = 2e-3
+        peak = FAMILIES[family].get("lr", 2e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.05)
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=steps, pct_start=0.2)
 
 
@@ -349,6 +349,25 @@ def row_path(variant: str, spec: Spec) -> Path:
     return RESULTS / "rows" / variant / f"{spec.name}.json"
 
 
+# ScanConfig fields that act only above max_classes (which classes are scanned): a model with fewer classes scans
+# the same whatever they are
+SELECTION_FIELDS = ("select", "candidates", "probe_steps", "screen_steps", "screen_classes")
+
+
+def scan_settings(variant: str, dataset: str) -> dict:
+    """The scan settings a row of this variant and dataset is measured under: a row scanned under other settings
+    (the default changed, or the variant did) is stale and `scan` measures it again."""
+    from hf_gradprune.synth import ScanConfig
+    cfg = asdict(replace(ScanConfig(), **VARIANTS[variant]))
+    if DATASETS[dataset][1] <= cfg["max_classes"]:
+        cfg = {k: v for k, v in cfg.items() if k not in SELECTION_FIELDS}
+    return cfg
+
+
+def is_current(row: dict, spec: Spec, variant: str) -> bool:
+    return row.get("key") == spec.key() and row.get("scan_settings") == scan_settings(variant, spec.dataset)
+
+
 def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
     """Scan one trained model as `hf-gradprune scan MODEL --data DATA --split test --spc 10` does (the test split:
     images the model never trained on); cached per model and variant."""
@@ -357,9 +376,9 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
     from hf_gradprune.synth import ScanConfig
     path = row_path(variant, spec)
     row = json.loads(path.read_text()) if path.is_file() else {}
-    if row.get("key") == spec.key():
+    if is_current(row, spec, variant):
         return row
-    folder = model_dir(spec)  # no row, or a row of this model's earlier configuration: scanned (again)
+    folder = model_dir(spec)  # no row, or a row of this model's earlier configuration or scan settings: scan again
     if not (folder / "info.json").is_file():
         return None  # not trained yet
     info = json.loads((folder / "info.json").read_text())
@@ -369,7 +388,8 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
                         scan=replace(ScanConfig(), **VARIANTS[variant]))
         found, report, _ = run_scan(cfg)
     target = spec.target
-    row = {"name": spec.name, "key": spec.key(), "split": spec.split, "dataset": spec.dataset, "family": spec.family,
+    row = {"name": spec.name, "key": spec.key(), "scan_settings": scan_settings(variant, spec.dataset),
+           "split": spec.split, "dataset": spec.dataset, "family": spec.family,
            "backdoored": spec.backdoored, "planted": info["planted"], "target": target,
            "trigger": spec.trigger, "poison_rate": spec.poison_rate, "augment": spec.augment,
            "model": {k: info[k] for k in ("acc", "asr", "ra", "train_s")},
@@ -386,11 +406,12 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
 
 
 def current_rows(variant: str) -> list[dict]:
-    """The variant's rows of the models as the benchmark now defines them (a row of a model trained under an
-    earlier configuration of its family does not count; `scan` replaces it)."""
-    keys = {spec.name: spec.key() for spec in population()}
+    """The variant's rows of the models and scan settings as the benchmark now defines them (a row of a model
+    trained under an earlier configuration of its family, or scanned under other settings, does not count; `scan`
+    replaces it)."""
+    specs = {spec.name: spec for spec in population()}
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
-    return [r for r in rows if r.get("key") == keys.get(r["name"])]
+    return [r for r in rows if r["name"] in specs and is_current(r, specs[r["name"]], variant)]
 
 
 def auroc(scores_pos: list[float], scores_neg: list[float]) -> float | None:

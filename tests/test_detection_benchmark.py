@@ -68,3 +68,18 @@ def test_summary_counts_a_missed_backdoor_as_a_wrong_target():
     assert m["target_scanned"] == 2 / 3  # "c": its target was not among the classes scanned
     # pairs (backdoored, clean) ranked right: 6 > both, 3 > both, 1 > 0.5 only -> 5 of 6
     assert np.isclose(m["auroc"], 5 / 6)
+
+
+def test_a_row_scanned_under_other_settings_is_stale_unless_they_cannot_act(monkeypatch):
+    spec_c = next(s for s in detection.population() if s.dataset == "cifar10")
+    spec_g = next(s for s in detection.population() if s.dataset == "gtsrb")
+    rows = {s.name: {"key": s.key(), "scan_settings": detection.scan_settings("default", s.dataset)}
+            for s in (spec_c, spec_g)}
+    assert all(detection.is_current(rows[s.name], s, "default") for s in (spec_c, spec_g))
+    assert not detection.is_current({**rows[spec_c.name], "key": "0" * 10}, spec_c, "default")  # retrained model
+    # the class selection acts only above max_classes (10): GTSRB's 43 classes rescan, CIFAR-10's 10 do not
+    monkeypatch.setitem(detection.VARIANTS, "default", {"select": "screen"})
+    assert detection.is_current(rows[spec_c.name], spec_c, "default")
+    assert not detection.is_current(rows[spec_g.name], spec_g, "default")
+    monkeypatch.setitem(detection.VARIANTS, "default", {"steps": 300})  # acts on every model
+    assert not detection.is_current(rows[spec_c.name], spec_c, "default")
