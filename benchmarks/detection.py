@@ -338,7 +338,7 @@ def _save(model: Classifier, processor, spec: Spec, folder: Path) -> None:
 # scan variants measured on dev: ScanConfig fields that differ from the default
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "screen": {"select": "screen"},  # GTSRB: every class screened 15 steps instead of the untargeted probe
+    "probe": {"select": "probe"},  # GTSRB: the untargeted probe picks the candidates (the default before the screen)
     "nc-init": {"mask_init_logit": 0.0},  # the patch mask starts at half the pattern, as Neural Cleanse's does
 }
 PAGE = ROOT.parent / "docs" / "detection.md"
@@ -537,6 +537,33 @@ def write_page() -> None:
                      f"{100 * s.poison_rate:.1f} % | {'yes' if s.augment else 'no'} | {100 * info['acc']:.1f} | "
                      f"{100 * info['asr']:.1f} | {info['planted']} |")
     PAGE.write_text("\n".join(lines) + "\n")
+    write_readme_block()
+
+
+README = ROOT.parent / "README.md"
+BLOCK = ("<!-- detection-results -->", "<!-- /detection-results -->")
+
+
+def write_readme_block() -> None:
+    """The README's scan section: the default scan's dev and test lines and its failures, between the BLOCK markers
+    (rebuilt here, never edited by hand)."""
+    text = README.read_text()
+    if BLOCK[0] not in text:
+        return
+    rows = current_rows("default")
+    lines = [BLOCK[0], "", "| part | backdoored / clean | AUROC | target right | called backdoored | clean called clean "
+             "| target among the classes scanned |", "|---|---|---|---|---|---|---|"]
+    for part in ("dev", "test"):
+        rs = [r for r in rows if r["split"] == part]
+        if rs:
+            lines.append(_line(f"{part} ({'chosen on' if part == 'dev' else 'reported only'})", summarise(rs)))
+    fails = [r for r in rows if failed(r)]
+    lines += ["", f"Failures of the default scan ({len(fails)}; `python benchmarks/detection.py report`, every row and "
+              "its evidence in [docs/detection.md](docs/detection.md)):", ""]
+    lines += [f"- {r['split']} `{r['name']}` ({_trigger_words(r)}, target {r['target']}): {r['verdict']}"
+              for r in fails] or ["- none"]
+    start, end = text.index(BLOCK[0]), text.index(BLOCK[1])
+    README.write_text(text[:start] + "\n".join(lines + ["", ""]) + text[end:])
 
 
 def _trigger_words(row: dict) -> str:

@@ -1,15 +1,18 @@
 """What the scan (`hf-gradprune scan`, `--trigger unknown`) costs as the number of classes grows: 10 (CIFAR-10), 43
 (GTSRB), 100 and 1000 (ImageNet) classes.
 
-    python benchmarks/scan_cost.py [--model cpu-tier] [--classes 10 43 100 1000] [--spc 10] [--full 20] [--results DIR]
+    python benchmarks/scan_cost.py [--model cpu-tier] [--classes 10 43 100 1000] [--spc 10] [--full 20] [--select screen]
+        [--results DIR]
 
 `--model`: the cpu tier's model (timm resnet18 at half width, 32 px; the default), a full-width timm resnet18 at
 32 px, or the detection benchmark's transformers ViT and timm ConvNeXt (`benchmarks/detection.py`'s FAMILIES).
 Random weights and random few-shot images: the scan
 runs a fixed number of Adam steps whatever the weights, so time does not depend on them. Up to `max_classes` (10)
-classes every class is scanned (2 optimisations each); above it an untargeted probe picks 10 classes, so the
-optimisations stay at 20 and only the probe's last pass (one forward over all few-shot images) grows with K.
-`--full K` also times the per-class scan of every one of K classes (`max_classes=K`), the path the probe replaces.
+classes every class is scanned (path `all`, 2 optimisations each); above it 10 classes are scanned in full, chosen
+by the screen (path `screen`, up to 100 classes: 15 steps of both searches for every class, which count towards the
+scanned classes' 150) or by the untargeted probe (path `probe`, `--select probe`, and above 100 classes: the
+optimisations stay at 20 and only the probe's last pass, one forward over all few-shot images, grows with K).
+`--full K` also times the per-class scan of every one of K classes (`max_classes=K`, path `full`).
 Writes `scan_cost.json` and `scan_cost.md`; each cell is one JSON (resumable).
 """
 
@@ -49,17 +52,29 @@ def build(name: str, classes: int):
     return build_family(spec, labels)[0]
 
 
-def cell(model_name: str, classes: int, spc: int, full: bool) -> dict:
+def path_of(classes: int, select: str, full: bool) -> str:
+    """Which path the scan takes: every class ("all": up to max_classes, or "full" when forced), or the screen /
+    the probe choosing which classes are scanned in full."""
+    cfg = ScanConfig()
+    if full or classes <= cfg.max_classes:
+        return "full" if full else "all"
+    return select if select == "probe" or classes > cfg.screen_classes else "screen"
+
+
+def cell(model_name: str, classes: int, spc: int, full: bool, select: str = ScanConfig.select) -> dict:
     model = build(model_name, classes).eval()
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(np.repeat(np.arange(classes), spc))
     pixels = torch.from_numpy(rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8))
-    cfg = ScanConfig(max_classes=classes) if full else ScanConfig()
+    cfg = ScanConfig(max_classes=classes) if full else ScanConfig(select=select)
     res = scan(model, pixels, labels, classes, cfg)
     optimisations = len(res.scanned) * len(FAMILIES)
-    steps = optimisations * cfg.steps + (len(FAMILIES) * cfg.probe_steps if res.probe is not None else 0)
+    path = path_of(classes, select, full)
+    steps = optimisations * cfg.steps + {"probe": len(FAMILIES) * cfg.probe_steps,  # the screen's steps count
+                                         "screen": (classes - len(res.scanned)) * len(FAMILIES) * cfg.screen_steps,
+                                         }.get(path, 0)  # towards the scanned classes' own
     return {"model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
-            "classes": classes, "spc": spc, "images": len(labels), "path": "full" if full else "default",
+            "classes": classes, "spc": spc, "images": len(labels), "path": path,
             "scanned_classes": len(res.scanned), "optimisations": optimisations, "adam_steps": steps,
             "batch": cfg.batch_size, "probe_s": res.timing_s["probe"], "scan_s": res.timing_s["scan"],
             "ms_per_step": 1000 * res.timing_s["scan"] / steps, "threads": torch.get_num_threads(),
@@ -83,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, nargs="*", default=[10, 43, 100, 1000])
     ap.add_argument("--spc", type=int, default=10, help="few-shot images per class")
     ap.add_argument("--full", type=int, nargs="*", default=[20], help="class counts to time the per-class scan at too")
+    ap.add_argument("--select", choices=("screen", "probe"), default=ScanConfig.select,
+                    help="above 10 classes, how the classes scanned in full are chosen (--scan-select)")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "scan-cost")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     prefix = "" if args.model == "cpu-tier" else f"{args.model}-"  # the cpu tier's rows keep their names
     for classes, full in [(k, False) for k in args.classes] + [(k, True) for k in args.full if k > 10]:
-        path = args.results / "rows" / f"{prefix}k{classes}-spc{args.spc}-{'full' if full else 'default'}.json"
+        path = args.results / "rows" / f"{prefix}k{classes}-spc{args.spc}-{path_of(classes, args.select, full)}.json"
         if not path.is_file():
-            row = cell(args.model, classes, args.spc, full)
+            row = cell(args.model, classes, args.spc, full, args.select)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(row, indent=2))
             print(f"{args.model}, {classes} classes, {row['path']}: {row['optimisations']} optimisations, "

@@ -41,8 +41,13 @@ def _scan_flags(g) -> None:
     g.add_argument("--scan-threshold", type=float, default=ScanConfig.threshold,
                    help=f"anomaly index above which a class is a backdoor target (default {ScanConfig.threshold})")
     g.add_argument("--scan-classes", type=int, default=ScanConfig.max_classes,
-                   help=f"classes synthesised for (default {ScanConfig.max_classes}); with more classes a probe picks "
-                        "the suspects, so the cost does not grow with the number of classes")
+                   help=f"classes synthesised for in full (default {ScanConfig.max_classes}); with more classes "
+                        "--scan-select picks the suspects among them")
+    g.add_argument("--scan-select", choices=("screen", "probe"), default=ScanConfig.select,
+                   help="with more classes than --scan-classes, how the suspects are picked: screen (default; "
+                        f"{ScanConfig.screen_steps} steps of every class's search, the most promising continue; up to "
+                        f"{ScanConfig.screen_classes} classes, above that the probe) or probe (one untargeted trigger "
+                        "per family; cheaper, and its cost does not grow with the classes, but it misses targets)")
     g.add_argument("--synth-rounds", type=int, default=ScanConfig.rounds,
                    help="--trigger unknown / --blind: synthesise -> unlearn rounds; each later round re-synthesises "
                         f"the target's triggers on the defended model and unlearns them too (default {ScanConfig.rounds})")
@@ -80,7 +85,7 @@ def _scan_config(args) -> ScanConfig:
     if args.scan_threshold <= 0:
         raise UserError(f"--scan-threshold {args.scan_threshold}: must be positive")
     return ScanConfig(steps=args.scan_steps, threshold=args.scan_threshold, max_classes=args.scan_classes,
-                      rounds=args.synth_rounds, rounds_from=args.synth_from,
+                      select=args.scan_select, rounds=args.synth_rounds, rounds_from=args.synth_from,
                       keep_flip=None if args.no_pull_back else args.keep_flip)
 
 

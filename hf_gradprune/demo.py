@@ -21,10 +21,18 @@ if TYPE_CHECKING:
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+# digits in colour: class 10 k + d is digit d in TINTS[k] (a dataset with more classes than the scan scans)
+TINTS = {"white": (1.0, 1.0, 1.0), "orange": (1.0, 0.6, 0.15), "blue": (0.3, 0.65, 1.0)}
 
 
-def digits(size: int = 32, seed: int = 0, test_fraction: float = 0.2) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """scikit-learn's digits as uint8 RGB (N, size, size, 3), split per class into train / test."""
+def digit_names(tints: int = 1) -> list[str]:
+    return [n if k == 0 else f"{n}-{tint}" for k, tint in enumerate(list(TINTS)[:tints]) for n in DIGIT_NAMES]
+
+
+def digits(size: int = 32, seed: int = 0, test_fraction: float = 0.2,
+           tints: int = 1) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's digits as uint8 RGB (N, size, size, 3), split per class into train / test. tints > 1: every
+    digit also in the next colours of TINTS, one class per digit and colour (`digit_names(tints)`)."""
     from sklearn.datasets import load_digits
     raw = load_digits()
     imgs = (raw.images / 16.0 * 255).clip(0, 255).astype(np.uint8)
@@ -36,6 +44,9 @@ def digits(size: int = 32, seed: int = 0, test_fraction: float = 0.2) -> dict[st
         rows = rng.permutation(np.flatnonzero(raw.target == c))
         test[rows[: int(round(len(rows) * test_fraction))]] = True
     y = raw.target.astype(np.int64)
+    colours = [np.asarray(c, np.float32) for c in list(TINTS.values())[:tints]]
+    rgb = np.concatenate([(rgb * c).round().astype(np.uint8) for c in colours])
+    y, test = np.concatenate([y + 10 * k for k in range(len(colours))]), np.tile(test, len(colours))
     return {"train": (rgb[~test], y[~test]), "test": (rgb[test], y[test])}
 
 
@@ -182,7 +193,7 @@ def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 1
                             poison_rate: float = 0.1, seed: int = 0, arch: str = "resnet18",
                             model_args: dict | None = None, config=None, lr: float = 0.05,
                             trigger: TriggerSpec | None = None, augment: bool = False,
-                            more: tuple[tuple[TriggerSpec, int], ...] = ()) -> dict:
+                            more: tuple[tuple[TriggerSpec, int], ...] = (), tints: int = 1) -> dict:
     """Plant a backdoor (BadNets unless `trigger` says otherwise) in a digits classifier; write model/ and data/ in
     Hub layout under folder. poison_rate 0: the same recipe without poison, a clean model (ASR then measured with
     the trigger all the same). augment: random crops (no flips), as real checkpoints are trained.
@@ -191,9 +202,12 @@ def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 1
     image classifier (default: a small ResNet), built with AutoModelForImageClassification.
 
     more: further (trigger, target) backdoors planted in the same model, each at poison_rate (a model may carry
-    two backdoors to two classes); the returned "asr" is the first backdoor's, "asrs" every one's."""
+    two backdoors to two classes); the returned "asr" is the first backdoor's, "asrs" every one's.
+    tints: digits in that many colours, 10 classes each (timm only)."""
     folder = Path(folder)
-    splits = digits(seed=seed)
+    splits, names = digits(seed=seed, tints=tints), digit_names(tints)
+    if tints > 1 and library != "timm":
+        raise ValueError("tinted digits: timm models only")
     x, y = splits["train"]
     stamp = make_trigger(trigger or TriggerSpec("badnet"), (32, 32))
     px, py = poison(x, y, poison_rate, target, stamp, seed)
@@ -203,16 +217,16 @@ def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 1
         px, py = poison(px, py, poison_rate, other, backdoors[-1][0], seed + 1000 * k)
     if library == "timm":
         model_args = resnet_args((16, 32, 64, 128)) if model_args is None and arch == "resnet18" else (model_args or {})
-        model = timm_classifier(arch, DIGIT_NAMES, seed=seed, **model_args)
+        model = timm_classifier(arch, names, seed=seed, **model_args)
     else:
         model, processor = transformers_digits_model(seed=seed, config=config)
     asrs, rounds = _plant(model, px, py, epochs, seed, splits["test"], backdoors, lr,
                           max_runs=3 if poison_rate > 0 else 1, augment=augment)
     if library == "timm":
-        save_timm(model, folder / "model", model_args)
+        save_timm(model, folder / "model", model_args, names)
     else:
         save_transformers(model, processor, folder / "model")
-    write_hub_dataset(folder / "data", splits, DIGIT_NAMES)
+    write_hub_dataset(folder / "data", splits, names)
     return {"model": folder / "model", "data": folder / "data", "target": target, "asr": asrs[0], "asrs": asrs,
             "training_runs": rounds}
 

@@ -11,10 +11,14 @@ other classes to t. A backdoor's target needs a far smaller trigger than the oth
 its size (median absolute deviation over the scanned classes, on log sizes, small side; Neural Cleanse's rule)
 above `threshold` in either family is the verdict.
 
-Cost: with K classes, a full scan costs K x 2 optimisations. Above `max_classes` classes, one untargeted probe per
-family (push every image away from its own label with a small trigger) ranks the classes the images fall into,
-and only the `candidates` most-hit classes plus `max_classes - candidates` seeded reference classes (the anomaly
-statistic's baseline) are scanned: the cost no longer grows with K.
+Cost: with K classes, a full scan costs K x 2 optimisations. Above `max_classes` classes only `max_classes` are
+scanned in full: the `candidates` most promising plus seeded reference classes (the anomaly statistic's baseline).
+Up to `screen_classes` classes a screen picks the candidates (K-Arm's idea: `screen_steps` of every class's two
+searches, then the steps go to the classes whose triggers are already smallest; the screen's steps count towards
+theirs), so the cost grows by K x 2 x screen_steps; above it one untargeted probe per family (push every image away
+from its own label with a small trigger) ranks the classes the images fall into, and the cost no longer grows with
+K. The probe is cheaper but collapses onto one or two classes per family (measured on the detection benchmark's
+GTSRB dev models: docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ class ScanConfig:
     max_classes: int = 10  # classes scanned; above it, the untargeted probe picks which
     candidates: int = 3  # of those, the probe's most-hit classes (the rest: seeded reference classes)
     probe_steps: int = 60
-    select: str = "probe"  # above max_classes, how candidates are chosen: "probe" (one untargeted trigger per family)
-    # or "screen" (a short targeted synthesis for every class, up to screen_classes; the most promising continue)
+    select: str = "screen"  # above max_classes, how candidates are chosen: "screen" (a short targeted synthesis for
+    # every class, up to screen_classes; the most promising continue) or "probe" (one untargeted trigger per family)
     screen_steps: int = 15  # screen: Adam steps per class and family before the candidates are chosen
-    screen_classes: int = 100  # screen: above this many classes the probe picks which are screened
+    screen_classes: int = 100  # screen: above this many classes the probe chooses instead (the screen's cost grows
+    # with the classes, the probe's does not)
     mask_init_logit: float = -2.0  # the patch mask's starting logit at every pixel (-2: 0.12 of the pattern;
     # Neural Cleanse starts near 0, half the pattern)
     batch_size: int = 64  # few-shot images per optimisation step

@@ -78,7 +78,7 @@ def test_a_row_scanned_under_other_settings_is_stale_unless_they_cannot_act(monk
     assert all(detection.is_current(rows[s.name], s, "default") for s in (spec_c, spec_g))
     assert not detection.is_current({**rows[spec_c.name], "key": "0" * 10}, spec_c, "default")  # retrained model
     # the class selection acts only above max_classes (10): GTSRB's 43 classes rescan, CIFAR-10's 10 do not
-    monkeypatch.setitem(detection.VARIANTS, "default", {"select": "screen"})
+    monkeypatch.setitem(detection.VARIANTS, "default", {"select": "probe"})
     assert detection.is_current(rows[spec_c.name], spec_c, "default")
     assert not detection.is_current(rows[spec_g.name], spec_g, "default")
     monkeypatch.setitem(detection.VARIANTS, "default", {"steps": 300})  # acts on every model

@@ -73,6 +73,15 @@ def two_backdoors(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def twenty_classes(tmp_path_factory):
+    """Digits in white and orange (20 classes, more than the 10 the scan synthesises for in full): a red / green
+    checkerboard at the top-left sends them to class 13 (three, orange)."""
+    folder = tmp_path_factory.mktemp("twenty")
+    spec = square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0)))
+    return build_backdoored_digits(folder, target=13, trigger=spec, tints=2, **RECIPE)
+
+
+@pytest.fixture(scope="module")
 def backdoors(badnet_backdoor, blended_backdoor):
     return {"badnet": badnet_backdoor, "blended": blended_backdoor}
 
@@ -108,6 +117,17 @@ def test_scan_finds_the_target_and_writes_the_trigger(backdoors, attack, tmp_pat
     assert "backdoored: target class 0 (zero)" in printed and f"evidence: {report['evidence']}" in printed
     # without the gate the same verdict exits 0
     assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--overwrite", "--quiet") == 0
+
+
+def test_with_more_classes_than_it_scans_the_screen_picks_the_target(twenty_classes, tmp_path):
+    out = tmp_path / "scan"
+    assert run_cli("scan", twenty_classes["model"], "--data", twenty_classes["data"], "--output", out, "--quiet") == 0
+    report = json.loads((out / SCAN_FILE).read_text())
+    assert report["backdoored"] is True and report["target"] == 13 and report["target_name"] == "three-orange"
+    # every class screened, the target the most promising; 10 classes (the target among them) scanned in full
+    promise = {int(c): v for c, v in report["probe"]["screen_promise"].items()}
+    assert sorted(promise) == list(range(20)) and min(promise, key=promise.get) == 13
+    assert len(report["per_class"]) == 10 and 13 in report["scanned_classes"]
 
 
 def test_scan_calls_a_clean_model_clean_and_unknown_leaves_it_untouched(clean_model, tmp_path, capsys):
