@@ -394,17 +394,28 @@ def evidence(result: ScanResult) -> str:
     lead = result.anomaly - up["anomaly"] if up else float("inf")
     if len(result.suspects) > 1:
         return (f"{len(result.suspects)} classes stand out above the threshold {th}: the model may carry more than "
-                "one backdoor; --trigger unknown defends each")
+                "one backdoor; --trigger unknown defends each" + _screened(result))
     if not result.backdoored:
         return (f"no class stands out: the highest index {result.anomaly:.2f} is "
-                f"{'close to' if result.anomaly > 0.75 * th else 'below'} the threshold {th}")
+                f"{'close to' if result.anomaly > 0.75 * th else 'below'} the threshold {th}" + _screened(result))
     strength = "strong" if result.anomaly >= 2 * th and lead >= th else "weak"
     said = (f"{strength}: index {result.anomaly:.2f} against the threshold {th}; the runner-up class "
             f"{up['class'] if up else '-'} is at {up['anomaly'] if up else float('nan'):.2f}")
     if up and up["anomaly"] > th:  # above the threshold but weak beside the target: said, not defended
         said += (f", above the threshold too but under {100 * result.config['also_share']:.0f} % of the target's "
                  "index, so taken for a brittle clean class rather than a second backdoor")
-    return said
+    return said + _screened(result)
+
+
+def _screened(result: ScanResult) -> str:
+    """Where the screen chose the classes scanned in full: how it ranked the verdict's class among all of them (a
+    class it ranked first was the most promising before the full scan too)."""
+    promise = (result.probe or {}).get("screen_promise")
+    if not promise:
+        return ""
+    c = result.target if result.backdoored else result.best_class
+    rank = sorted(promise, key=lambda k: (promise[k], k)).index(c) + 1
+    return f"; the screen put class {c} at rank {rank} of {len(promise)} before the full scan"
 
 
 def verdict(result: ScanResult, class_names: list[str] | None = None) -> str:

@@ -127,6 +127,7 @@ def test_with_more_classes_than_it_scans_the_screen_picks_the_target(twenty_clas
     # every class screened, the target the most promising; 10 classes (the target among them) scanned in full
     promise = {int(c): v for c, v in report["probe"]["screen_promise"].items()}
     assert sorted(promise) == list(range(20)) and min(promise, key=promise.get) == 13
+    assert "the screen put class 13 at rank 1 of 20" in report["evidence"]
     assert len(report["per_class"]) == 10 and 13 in report["scanned_classes"]
 
 
