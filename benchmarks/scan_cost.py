@@ -83,7 +83,7 @@ def cell(model_name: str, classes: int, spc: int, full: bool, select: str = Scan
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | parameters | classes | few-shot images | path | classes scanned | optimisations | "
-             "Adam steps (batch 64) | probe s | scan s (probe included) | ms / step |", "|---" * 11 + "|"]
+             "Adam steps (batch 64) | probe or screen s | scan s (probe or screen included) | ms / step |", "|---" * 11 + "|"]
     for r in sorted(rows, key=lambda r: (MODELS.index(r.get("model", "cpu-tier")), r["classes"], r["path"])):
         params = f"{r['parameters'] / 1e6:.2f} M" if "parameters" in r else "-"
         lines.append(f"| {r.get('model', 'cpu-tier')} | {params} | {r['classes']} | {r['images']} | {r['path']} | "
