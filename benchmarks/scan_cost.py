@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hf_gradprune.demo import timm_classifier
-from hf_gradprune.synth import FAMILIES, ScanConfig, scan
+from hf_gradprune.synth import FAMILIES, ScanConfig, how_chosen, scan
 
 ROOT = Path(__file__).resolve().parent
 
@@ -53,12 +53,9 @@ def build(name: str, classes: int):
 
 
 def path_of(classes: int, select: str, full: bool) -> str:
-    """Which path the scan takes: every class ("all": up to max_classes, or "full" when forced), or the screen /
-    the probe choosing which classes are scanned in full."""
-    cfg = ScanConfig()
-    if full or classes <= cfg.max_classes:
-        return "full" if full else "all"
-    return select if select == "probe" or classes > cfg.screen_classes else "screen"
+    """Which path the scan takes: every class forced ("full"), or as the scan chooses (synth.how_chosen: "all",
+    "screen" or "probe")."""
+    return "full" if full else how_chosen(classes, ScanConfig(select=select))
 
 
 def cell(model_name: str, classes: int, spc: int, full: bool, select: str = ScanConfig.select) -> dict:

@@ -51,8 +51,8 @@ class ScanConfig:
     threshold: float = 2.0  # anomaly index above which a class is a backdoor's target (Neural Cleanse: 2)
     also_share: float = 0.35  # another class is a suspect too when its index is above the threshold and at least
     # this share of the target's (a second backdoor is planted as strongly as the first; a brittle clean class is not)
-    max_classes: int = 10  # classes scanned; above it, the untargeted probe picks which
-    candidates: int = 3  # of those, the probe's most-hit classes (the rest: seeded reference classes)
+    max_classes: int = 10  # classes scanned in full; above it, `select` picks which
+    candidates: int = 3  # of those, the most promising by the screen or the probe (the rest: seeded reference classes)
     probe_steps: int = 60
     select: str = "screen"  # above max_classes, how candidates are chosen: "screen" (a short targeted synthesis for
     # every class, up to screen_classes; the most promising continue) or "probe" (one untargeted trigger per family)
@@ -310,6 +310,14 @@ def anomaly_index(sizes: list[float], min_spread: float = MIN_SPREAD) -> list[fl
     return [float((med - v) / mad) for v in logs]
 
 
+def how_chosen(num_classes: int, cfg: ScanConfig) -> str:
+    """How the classes scanned in full are chosen: "all" of them (up to max_classes), by the "screen" (up to
+    screen_classes) or by the "probe"."""
+    if num_classes <= cfg.max_classes:
+        return "all"
+    return "screen" if cfg.select == "screen" and num_classes <= cfg.screen_classes else "probe"
+
+
 def scan_classes(num_classes: int, cfg: ScanConfig, ranked: list[int] | None, forced: int | None) -> list[int]:
     """All classes up to cfg.max_classes; above it, the `candidates` classes ranked most suspicious (by the probe or
     the screen) plus seeded reference classes (the anomaly statistic's baseline)."""
@@ -334,7 +342,8 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
     gen = torch.Generator().manual_seed(cfg.seed)
     ranked, searches, selection = None, {}, None
     with grads_only_for(model, []):
-        if num_classes > cfg.max_classes and cfg.select == "screen" and num_classes <= cfg.screen_classes:
+        how = how_chosen(num_classes, cfg)
+        if how == "screen":
             # K-Arm's idea: a few steps for every class, then the budget goes to the promising ones
             emit(ProgressEvent("scan", message=f"screening all {num_classes} classes ({cfg.screen_steps} steps each)"))
             for c in range(num_classes):
@@ -343,7 +352,7 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
                 emit(ProgressEvent("scan", step=c + 1, total=num_classes, values={"screened": c}))
             promise = {c: float(np.prod([searches[c][f].promise for f in FAMILIES])) for c in searches}
             ranked, selection = sorted(searches, key=lambda c: (promise[c], c)), {"screen_promise": promise}
-        elif num_classes > cfg.max_classes:
+        elif how == "probe":
             emit(ProgressEvent("scan",
                                message=f"probing which of {num_classes} classes a small trigger sends images to"))
             hits = probe(model, pixels, labels, num_classes, cfg, gen)
