@@ -339,6 +339,7 @@ def _save(model: Classifier, processor, spec: Spec, folder: Path) -> None:
 VARIANTS: dict[str, dict] = {
     "default": {},
     "probe": {"select": "probe"},  # GTSRB: the untargeted probe picks the candidates (the default before the screen)
+    "screen-b64": {"screen_batch": 64},  # GTSRB: the screen on the full batch (the first screen; 4x its cost)
     "nc-init": {"mask_init_logit": 0.0},  # the patch mask starts at half the pattern, as Neural Cleanse's does
 }
 PAGE = ROOT.parent / "docs" / "detection.md"
@@ -350,18 +351,20 @@ def row_path(variant: str, spec: Spec) -> Path:
 
 
 # ScanConfig fields that act only above max_classes (which classes are scanned): a model with fewer classes scans
-# the same whatever they are
-SELECTION_FIELDS = ("select", "candidates", "probe_steps", "screen_steps", "screen_classes")
+# the same whatever they are; of those, the screen's act only where the screen chooses, the probe's only where it does
+SCREEN_FIELDS = ("screen_steps", "screen_batch", "screen_classes")
+SELECTION_FIELDS = ("select", "candidates", "probe_steps", *SCREEN_FIELDS)
 
 
 def scan_settings(variant: str, dataset: str) -> dict:
-    """The scan settings a row of this variant and dataset is measured under: a row scanned under other settings
-    (the default changed, or the variant did) is stale and `scan` measures it again."""
-    from hf_gradprune.synth import ScanConfig
-    cfg = asdict(replace(ScanConfig(), **VARIANTS[variant]))
-    if DATASETS[dataset][1] <= cfg["max_classes"]:
-        cfg = {k: v for k, v in cfg.items() if k not in SELECTION_FIELDS}
-    return cfg
+    """The scan settings a row of this variant and dataset is measured under, less the fields that cannot act on it:
+    a row scanned under other settings (the default changed, or the variant did) is stale and `scan` measures it
+    again; a field added later that cannot act on a row leaves it current."""
+    from hf_gradprune.synth import ScanConfig, how_chosen
+    config = replace(ScanConfig(), **VARIANTS[variant])
+    cannot_act = {"all": SELECTION_FIELDS, "screen": ("probe_steps",),
+                  "probe": SCREEN_FIELDS}[how_chosen(DATASETS[dataset][1], config)]
+    return {k: v for k, v in asdict(config).items() if k not in cannot_act}
 
 
 def is_current(row: dict, spec: Spec, variant: str) -> bool:

@@ -9,8 +9,8 @@
 Random weights and random few-shot images: the scan
 runs a fixed number of Adam steps whatever the weights, so time does not depend on them. Up to `max_classes` (10)
 classes every class is scanned (path `all`, 2 optimisations each); above it 10 classes are scanned in full, chosen
-by the screen (path `screen`, up to 100 classes: 15 steps of both searches for every class, which count towards the
-scanned classes' 150) or by the untargeted probe (path `probe`, `--select probe`, and above 100 classes: the
+by the screen (path `screen`, up to 100 classes: 15 steps of both searches for every class on 16 images a step, which
+count towards the scanned classes' 150) or by the untargeted probe (path `probe`, `--select probe`, and above 100 classes: the
 optimisations stay at 20 and only the probe's last pass, one forward over all few-shot images, grows with K).
 `--full K` also times the per-class scan of every one of K classes (`max_classes=K`, path `full`).
 Writes `scan_cost.json` and `scan_cost.md`; each cell is one JSON (resumable).
@@ -70,22 +70,28 @@ def cell(model_name: str, classes: int, spc: int, full: bool, select: str = Scan
     steps = optimisations * cfg.steps + {"probe": len(FAMILIES) * cfg.probe_steps,  # the screen's steps count
                                          "screen": (classes - len(res.scanned)) * len(FAMILIES) * cfg.screen_steps,
                                          }.get(path, 0)  # towards the scanned classes' own
+    batch = min(cfg.batch_size, spc * (classes - 1))  # a search's images: the few-shot images of the other classes
+    screened = classes * len(FAMILIES) * cfg.screen_steps if path == "screen" else 0  # steps on screen_batch images
+    passes = (steps - screened) * batch + screened * min(cfg.screen_batch, batch)
     return {"model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
             "classes": classes, "spc": spc, "images": len(labels), "path": path,
             "scanned_classes": len(res.scanned), "optimisations": optimisations, "adam_steps": steps,
-            "batch": cfg.batch_size, "probe_s": res.timing_s["probe"], "scan_s": res.timing_s["scan"],
+            "batch": cfg.batch_size, "screen_batch": cfg.screen_batch if path == "screen" else None,
+            "image_passes": passes, "probe_s": res.timing_s["probe"], "scan_s": res.timing_s["scan"],
             "ms_per_step": 1000 * res.timing_s["scan"] / steps, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | parameters | classes | few-shot images | path | classes scanned | optimisations | "
-             "Adam steps (batch 64) | probe or screen s | scan s (probe or screen included) | ms / step |", "|---" * 11 + "|"]
+             "Adam steps | image passes (k) | probe or screen s | scan s (probe or screen included) | "
+             "ms / 1k image passes |", "|---" * 12 + "|"]
     for r in sorted(rows, key=lambda r: (MODELS.index(r.get("model", "cpu-tier")), r["classes"], r["path"])):
         params = f"{r['parameters'] / 1e6:.2f} M" if "parameters" in r else "-"
         lines.append(f"| {r.get('model', 'cpu-tier')} | {params} | {r['classes']} | {r['images']} | {r['path']} | "
                      f"{r['scanned_classes']} | {r['optimisations']} | "
-                     f"{r['adam_steps']} | {r['probe_s']:.1f} | {r['scan_s']:.1f} | {r['ms_per_step']:.1f} |")
+                     f"{r['adam_steps']} | {r['image_passes'] / 1e3:.0f} | {r['probe_s']:.1f} | {r['scan_s']:.1f} | "
+                     f"{1e6 * r['scan_s'] / r['image_passes']:.1f} |")
     return "\n".join(lines)
 
 

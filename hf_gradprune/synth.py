@@ -14,8 +14,9 @@ above `threshold` in either family is the verdict.
 Cost: with K classes, a full scan costs K x 2 optimisations. Above `max_classes` classes only `max_classes` are
 scanned in full: the `candidates` most promising plus seeded reference classes (the anomaly statistic's baseline).
 Up to `screen_classes` classes a screen picks the candidates (K-Arm's idea: `screen_steps` of every class's two
-searches, then the steps go to the classes whose triggers are already smallest; the screen's steps count towards
-theirs), so the cost grows by K x 2 x screen_steps; above it one untargeted probe per family (push every image away
+searches on `screen_batch` images a step, then the steps go to the classes whose triggers are already smallest; the
+screen's steps count towards theirs), so the cost grows by K x 2 x screen_steps x screen_batch image passes (at 43
+classes about what the probe costs); above it one untargeted probe per family (push every image away
 from its own label with a small trigger) ranks the classes the images fall into, and the cost no longer grows with
 K. The probe is cheaper but collapses onto one or two classes per family (measured on the detection benchmark's
 GTSRB dev models: docs/decisions.md).
@@ -24,7 +25,7 @@ GTSRB dev models: docs/decisions.md).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -57,6 +58,8 @@ class ScanConfig:
     select: str = "screen"  # above max_classes, how candidates are chosen: "screen" (a short targeted synthesis for
     # every class, up to screen_classes; the most promising continue) or "probe" (one untargeted trigger per family)
     screen_steps: int = 15  # screen: Adam steps per class and family before the candidates are chosen
+    screen_batch: int = 16  # screen: few-shot images per step (a quarter of batch_size: the ranking needs the steps
+    # more than the images; docs/decisions.md)
     screen_classes: int = 100  # screen: above this many classes the probe chooses instead (the screen's cost grows
     # with the classes, the probe's does not)
     mask_init_logit: float = -2.0  # the patch mask's starting logit at every pixel (-2: 0.12 of the pattern;
@@ -346,11 +349,14 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
         if how == "screen":
             # K-Arm's idea: a few steps for every class, then the budget goes to the promising ones
             emit(ProgressEvent("scan", message=f"screening all {num_classes} classes ({cfg.screen_steps} steps each)"))
+            screen_cfg = replace(cfg, batch_size=cfg.screen_batch)
+            promise = {}
             for c in range(num_classes):
                 searches[c] = {f: _advance(model, _start(pixels, labels, c, f, cfg, gen), pixels, labels,
-                                           cfg.screen_steps, cfg, gen) for f in FAMILIES}
-                emit(ProgressEvent("scan", step=c + 1, total=num_classes, values={"screened": c}))
-            promise = {c: float(np.prod([searches[c][f].promise for f in FAMILIES])) for c in searches}
+                                           cfg.screen_steps, screen_cfg, gen) for f in FAMILIES}
+                promise[c] = float(np.prod([searches[c][f].promise for f in FAMILIES]))
+                emit(ProgressEvent("scan", step=c + 1, total=num_classes, values={"screened": c,
+                                                                                  "promise": promise[c]}))
             ranked, selection = sorted(searches, key=lambda c: (promise[c], c)), {"screen_promise": promise}
         elif how == "probe":
             emit(ProgressEvent("scan",

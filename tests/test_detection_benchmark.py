@@ -81,5 +81,11 @@ def test_a_row_scanned_under_other_settings_is_stale_unless_they_cannot_act(monk
     monkeypatch.setitem(detection.VARIANTS, "default", {"select": "probe"})
     assert detection.is_current(rows[spec_c.name], spec_c, "default")
     assert not detection.is_current(rows[spec_g.name], spec_g, "default")
+    # where the probe chooses, the screen's settings cannot act: a GTSRB row scanned under the probe stays current
+    probed = {"key": spec_g.key(), "scan_settings": detection.scan_settings("default", "gtsrb")}
+    monkeypatch.setitem(detection.VARIANTS, "default", {"select": "probe", "screen_batch": 64, "screen_steps": 5})
+    assert detection.is_current(probed, spec_g, "default")
+    monkeypatch.setitem(detection.VARIANTS, "default", {"select": "probe", "probe_steps": 30})
+    assert not detection.is_current(probed, spec_g, "default")
     monkeypatch.setitem(detection.VARIANTS, "default", {"steps": 300})  # acts on every model
     assert not detection.is_current(rows[spec_c.name], spec_c, "default")
