@@ -18,14 +18,19 @@ from hf_gradprune.triggers import make_trigger  # noqa: E402
 def test_population_is_fixed_balanced_and_split_before_tuning():
     specs = detection.population()
     assert specs == detection.population()  # drawn from a fixed seed: the split never moves
-    assert len({s.name for s in specs}) == len(specs) == 60
-    for part in ("dev", "test"):
+    assert len({s.name for s in specs}) == len(specs) == 70
+    for part, backdoored in (("dev", 20), ("test", 30)):
         side = [s for s in specs if s.split == part]
-        assert Counter(s.backdoored for s in side) == {True: 20, False: 10}
+        assert Counter(s.backdoored for s in side) == {True: backdoored, False: 10}
         # every family and dataset on both sides, clean models with and without augmentation on both sides
         assert {(s.family, s.dataset) for s in side} == {(f, d) for f in detection.FAMILIES for d in detection.DATASETS}
         assert {s.augment for s in side if not s.backdoored} == {True, False}
         assert {s.trigger["kind"] for s in side if s.backdoored} == {"patch", "blend", "additive"}
+    # the later draws (bd4) leave every earlier one where it was: the first and last of the first 60 keep the
+    # configuration (and so the cache key) they were trained under
+    assert specs[:60] == [s for s in specs if not s.name.endswith("-bd4")]
+    assert (specs[0].name, specs[0].key()) == ("cifar10-timm-resnet-bd0", "f61c7e0d01")
+    assert (specs[59].name, specs[59].key()) == ("gtsrb-hf-resnet-clean1", "e2e68cbc9b")
     backdoored = [s for s in specs if s.backdoored]
     assert {s.trigger["place"] for s in backdoored if s.trigger["kind"] == "patch"} == set(detection.PLACES)
     assert {s.trigger["size"] for s in backdoored if s.trigger["kind"] == "patch"} <= set(range(2, 7))
