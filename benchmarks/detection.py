@@ -530,13 +530,18 @@ def write_page() -> None:
         lines += [f"- {r['split']} `{r['name']}` ({_trigger_words(r)}): {r['verdict']}" for r in fails] or ["- none"]
         lines.append("")
     if variants:
-        lines += ["## Evidence statistics on dev (the `default` rows' trigger sizes, recomputed offline)", "",
-                  "| statistic | backdoored / clean | AUROC | target right | called backdoored | clean called clean |",
-                  "|---|---|---|---|---|---|"]
-        for m in statistics("default", "dev"):
-            au = "-" if m["auroc"] is None else f"{m['auroc']:.3f}"
-            lines.append(f"| {m['statistic']} | {m['n_backdoored']} / {m['n_clean']} | {au} | "
-                         f"{_pct(m['target_accuracy'])} | {_pct(m['detected'])} | {_pct(m['clean_called_clean'])} |")
+        lines += ["## Evidence statistics (the `default` rows' trigger sizes, recomputed offline; chosen on dev, "
+                  "test reported only)", "",
+                  "| part | statistic | backdoored / clean | AUROC | target right | called backdoored | "
+                  "clean called clean |", "|---|---|---|---|---|---|---|"]
+        for part in ("dev", "test"):
+            for m in statistics("default", part):
+                if m["n_backdoored"] + m["n_clean"] == 0:
+                    continue
+                au = "-" if m["auroc"] is None else f"{m['auroc']:.3f}"
+                lines.append(f"| {part} | {m['statistic']} | {m['n_backdoored']} / {m['n_clean']} | {au} | "
+                             f"{_pct(m['target_accuracy'])} | {_pct(m['detected'])} | "
+                             f"{_pct(m['clean_called_clean'])} |")
         lines.append("")
     lines += ["## Models", "", "| model | part | trigger | target | poison | augment | ACC | ASR | planted |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -594,22 +599,24 @@ def _trigger_words(row: dict) -> str:
     return f"additive {t['grid']}x{t['grid']} signal, +-{t['amplitude']}"
 
 # evidence statistics compared offline on the rows' per-class trigger sizes (no rescan): name -> (a class's evidence
-# size, the smallest robust deviation of log sizes, as a factor)
+# size, the smallest robust deviation of log sizes as a factor, the threshold)
 STATISTICS = {
-    "product, floor x1.5 (default)": (lambda c: c["patch_size"] * c["blend_size"], 1.5),
-    "product, floor x2": (lambda c: c["patch_size"] * c["blend_size"], 2.0),
-    "product, floor x3": (lambda c: c["patch_size"] * c["blend_size"], 3.0),
-    "patch only, floor x1.5": (lambda c: c["patch_size"], 1.5),
-    "blend only, floor x1.5": (lambda c: c["blend_size"], 1.5),
+    "product, floor x1.5, threshold 2 (default)": (lambda c: c["patch_size"] * c["blend_size"], 1.5, 2.0),
+    "product, floor x1.5, threshold 2.5 (candidate, docs/decisions.md)":
+        (lambda c: c["patch_size"] * c["blend_size"], 1.5, 2.5),
+    "product, floor x2": (lambda c: c["patch_size"] * c["blend_size"], 2.0, 2.0),
+    "product, floor x3": (lambda c: c["patch_size"] * c["blend_size"], 3.0, 2.0),
+    "patch only, floor x1.5": (lambda c: c["patch_size"], 1.5, 2.0),
+    "blend only, floor x1.5": (lambda c: c["blend_size"], 1.5, 2.0),
 }
 
 
-def statistics(variant: str, part: str = "dev", threshold: float = 2.0) -> list[dict]:
-    """Each evidence statistic on one variant's rows: AUROC, target accuracy, clean called clean (dev only: choose
-    there, then report test apart)."""
+def statistics(variant: str, part: str = "dev") -> list[dict]:
+    """Each evidence statistic on one variant's rows: AUROC, target accuracy, clean called clean (choose on dev,
+    report test apart)."""
     rows = [r for r in current_rows(variant) if r["split"] == part and (r["planted"] or not r["backdoored"])]
     out = []
-    for name, (size, floor) in STATISTICS.items():
+    for name, (size, floor, threshold) in STATISTICS.items():
         scored = []
         for r in rows:
             per_class = r["scan"]["per_class"]
