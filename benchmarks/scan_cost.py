@@ -72,7 +72,7 @@ def cell(model_name: str, classes: int, spc: int, full: bool, select: str = Scan
                                          }.get(path, 0)  # towards the scanned classes' own
     batch = min(cfg.batch_size, spc * (classes - 1))  # a search's images: the few-shot images of the other classes
     screened = classes * len(FAMILIES) * cfg.screen_steps if path == "screen" else 0  # steps on screen_batch images
-    passes = (steps - screened) * batch + screened * min(cfg.screen_batch, batch)
+    passes = (steps - screened) * batch + screened * min(cfg.screen_batch, batch)  # as synth.scan takes them
     return {"model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
             "classes": classes, "spc": spc, "images": len(labels), "path": path,
             "scanned_classes": len(res.scanned), "optimisations": optimisations, "adam_steps": steps,

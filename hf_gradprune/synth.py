@@ -349,7 +349,7 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
         if how == "screen":
             # K-Arm's idea: a few steps for every class, then the budget goes to the promising ones
             emit(ProgressEvent("scan", message=f"screening all {num_classes} classes ({cfg.screen_steps} steps each)"))
-            screen_cfg = replace(cfg, batch_size=cfg.screen_batch)
+            screen_cfg = replace(cfg, batch_size=min(cfg.screen_batch, cfg.batch_size))
             promise = {}
             for c in range(num_classes):
                 searches[c] = {f: _advance(model, _start(pixels, labels, c, f, cfg, gen), pixels, labels,
