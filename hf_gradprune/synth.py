@@ -18,8 +18,8 @@ searches on `screen_batch` images a step, then the steps go to the classes whose
 screen's steps count towards theirs), so the cost grows by K x 2 x screen_steps x screen_batch image passes (at 43
 classes about what the probe costs); above it one untargeted probe per family (push every image away
 from its own label with a small trigger) ranks the classes the images fall into, and the cost no longer grows with
-K. The probe costs the same at any K but collapses onto one or two classes per family (measured on the detection benchmark's
-GTSRB dev models: docs/decisions.md).
+K. The probe costs the same at any K but collapses onto one or two classes per family (measured on the detection
+benchmark's GTSRB dev models: docs/decisions.md).
 """
 
 from __future__ import annotations
