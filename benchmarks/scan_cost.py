@@ -9,9 +9,10 @@
 Random weights and random few-shot images: the scan
 runs a fixed number of Adam steps whatever the weights, so time does not depend on them. Up to `max_classes` (10)
 classes every class is scanned (path `all`, 2 optimisations each); above it 10 classes are scanned in full, chosen
-by the screen (path `screen`, up to 100 classes: 15 steps of both searches for every class on 16 images a step, which
-count towards the scanned classes' 150) or by the untargeted probe (path `probe`, `--select probe`, and above 100 classes: the
-optimisations stay at 20 and only the probe's last pass, one forward over all few-shot images, grows with K).
+by the screen (path `screen`, up to 100 classes: 15 steps of both searches for every class on 16 images a step,
+which count towards the scanned classes' 150) or by the untargeted probe (path `probe`, `--select probe`, and above
+100 classes: the optimisations stay at 20 and only the probe's last pass, one forward over all few-shot images,
+grows with K).
 `--full K` also times the per-class scan of every one of K classes (`max_classes=K`, path `full`).
 Writes `scan_cost.json` and `scan_cost.md`; each cell is one JSON (resumable).
 """

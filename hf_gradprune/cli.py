@@ -45,8 +45,8 @@ def _scan_flags(g) -> None:
                         "--scan-select picks the suspects among them")
     g.add_argument("--scan-select", choices=("screen", "probe"), default=ScanConfig.select,
                    help="with more classes than --scan-classes, how the suspects are picked: screen (default; "
-                        f"{ScanConfig.screen_steps} steps of every class's search on {ScanConfig.screen_batch} images, the most "
-                        "promising continue; up to "
+                        f"{ScanConfig.screen_steps} steps of every class's search on {ScanConfig.screen_batch} "
+                        "images, the most promising continue; up to "
                         f"{ScanConfig.screen_classes} classes, above that the probe) or probe (one untargeted trigger "
                         "per family; its cost does not grow with the classes, but it misses targets)")
     g.add_argument("--synth-rounds", type=int, default=ScanConfig.rounds,
