@@ -385,10 +385,17 @@ def is_current(row: dict, spec: Spec, variant: str) -> bool:
     return row.get("key") == spec.key() and row.get("scan_settings") == scan_settings(variant, spec.dataset)
 
 
+def scan_job(spec: Spec, data_root: Path, tmp: Path, scan):
+    """The job `hf-gradprune scan MODEL --data DATA --split test --spc 10` runs on one benchmark model (the test
+    split: images the model never trained on), writing into `tmp`."""
+    from hf_gradprune.job import JobConfig
+    return JobConfig(model=str(model_dir(spec) / "model"), data=str(Path(data_root) / spec.dataset), split="test",
+                     spc=SPC, seed=FEW_SHOT_SEED, output=str(tmp / "scan"), overwrite=True, scan=scan)
+
+
 def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
     """Scan one trained model as `hf-gradprune scan MODEL --data DATA --split test --spc 10` does (the test split:
     images the model never trained on); cached per model and variant."""
-    from hf_gradprune.job import JobConfig
     from hf_gradprune.pipeline import run_scan
     from hf_gradprune.synth import ScanConfig
     path = row_path(variant, spec)
@@ -400,10 +407,7 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
         return None  # not trained yet
     info = json.loads((folder / "info.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = JobConfig(model=str(folder / "model"), data=str(Path(data_root) / spec.dataset), split="test",
-                        spc=SPC, seed=FEW_SHOT_SEED, output=str(Path(tmp) / "scan"), overwrite=True,
-                        scan=replace(ScanConfig(), **VARIANTS[variant]))
-        found, report, _ = run_scan(cfg)
+        found, report, _ = run_scan(scan_job(spec, data_root, Path(tmp), replace(ScanConfig(), **VARIANTS[variant])))
     target = spec.target
     row = {"name": spec.name, "key": spec.key(), "scan_settings": scan_settings(variant, spec.dataset),
            "split": spec.split, "dataset": spec.dataset, "family": spec.family,

@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detection  # noqa: E402
 
-from hf_gradprune.job import JobConfig  # noqa: E402
 from hf_gradprune.pipeline import run_scan  # noqa: E402
 from hf_gradprune.progress import ProgressEvent  # noqa: E402
 from hf_gradprune.synth import ScanConfig  # noqa: E402
@@ -49,10 +48,8 @@ def screen_promise(spec: detection.Spec, steps: int, batch: int, data_root: Path
                 raise _Screened
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = JobConfig(model=str(detection.model_dir(spec) / "model"), data=str(data_root / spec.dataset),
-                        split="test", spc=detection.SPC, seed=detection.FEW_SHOT_SEED,
-                        output=str(Path(tmp) / "scan"), overwrite=True,
-                        scan=replace(ScanConfig(), screen_steps=steps, screen_batch=batch))
+        cfg = detection.scan_job(spec, data_root, Path(tmp), replace(ScanConfig(), screen_steps=steps,
+                                                                     screen_batch=batch))
         try:
             run_scan(cfg, collect)
         except _Screened:
