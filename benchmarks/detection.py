@@ -368,6 +368,9 @@ def row_path(variant: str, spec: Spec) -> Path:
 # the same whatever they are; of those, the screen's act only where the screen chooses, the probe's only where it does
 SCREEN_FIELDS = ("screen_steps", "screen_batch", "screen_classes")
 SELECTION_FIELDS = ("select", "candidates", "probe_steps", *SCREEN_FIELDS)
+# fields that judge a scan's measurements and change none of them: a row is judged under today's values (`judged`),
+# so a new threshold needs no rescan
+VERDICT_FIELDS = ("threshold", "also_share")
 
 
 def scan_settings(variant: str, dataset: str) -> dict:
@@ -378,11 +381,26 @@ def scan_settings(variant: str, dataset: str) -> dict:
     config = replace(ScanConfig(), **VARIANTS[variant])
     cannot_act = {"all": SELECTION_FIELDS, "screen": ("probe_steps",),
                   "probe": SCREEN_FIELDS}[how_chosen(DATASETS[dataset][1], config)]
-    return {k: v for k, v in asdict(config).items() if k not in cannot_act}
+    return {k: v for k, v in asdict(config).items() if k not in (*cannot_act, *VERDICT_FIELDS)}
 
 
 def is_current(row: dict, spec: Spec, variant: str) -> bool:
-    return row.get("key") == spec.key() and row.get("scan_settings") == scan_settings(variant, spec.dataset)
+    measured = {k: v for k, v in (row.get("scan_settings") or {}).items() if k not in VERDICT_FIELDS}
+    return row.get("key") == spec.key() and measured == scan_settings(variant, spec.dataset)
+
+
+def judged(row: dict, variant: str) -> dict:
+    """The row's verdict under the variant's threshold today (the scan's measurements do not depend on it)."""
+    from hf_gradprune.synth import ScanConfig
+    threshold = replace(ScanConfig(), **VARIANTS[variant]).threshold
+    called = row["anomaly"] > threshold
+    reported = row["best_class"] if called else None
+    verdict = (row["verdict"] if (row.get("scan_settings") or {}).get("threshold") == threshold else
+               f"backdoored: class {reported}, anomaly index {row['anomaly']:.2f} > {threshold}" if called else
+               f"no backdoor found: highest anomaly index {row['anomaly']:.2f} <= {threshold} "
+               f"(class {row['best_class']})")
+    return {**row, "threshold": threshold, "called_backdoored": called, "reported_target": reported,
+            "target_right": called and reported == row["target"], "verdict": verdict}
 
 
 def scan_job(spec: Spec, data_root: Path, tmp: Path, scan):
@@ -432,7 +450,7 @@ def current_rows(variant: str) -> list[dict]:
     replaces it)."""
     specs = {spec.name: spec for spec in population()}
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "rows" / variant).glob("*.json"))]
-    return [r for r in rows if r["name"] in specs and is_current(r, specs[r["name"]], variant)]
+    return [judged(r, variant) for r in rows if r["name"] in specs and is_current(r, specs[r["name"]], variant)]
 
 
 def auroc(scores_pos: list[float], scores_neg: list[float]) -> float | None:
@@ -605,9 +623,8 @@ def _trigger_words(row: dict) -> str:
 # evidence statistics compared offline on the rows' per-class trigger sizes (no rescan): name -> (a class's evidence
 # size, the smallest robust deviation of log sizes as a factor, the threshold)
 STATISTICS = {
-    "product, floor x1.5, threshold 2 (default)": (lambda c: c["patch_size"] * c["blend_size"], 1.5, 2.0),
-    "product, floor x1.5, threshold 2.5 (candidate, docs/decisions.md)":
-        (lambda c: c["patch_size"] * c["blend_size"], 1.5, 2.5),
+    "product, floor x1.5, threshold 2.5 (default)": (lambda c: c["patch_size"] * c["blend_size"], 1.5, 2.5),
+    "product, floor x1.5, threshold 2 (Neural Cleanse's)": (lambda c: c["patch_size"] * c["blend_size"], 1.5, 2.0),
     "product, floor x2": (lambda c: c["patch_size"] * c["blend_size"], 2.0, 2.0),
     "product, floor x3": (lambda c: c["patch_size"] * c["blend_size"], 3.0, 2.0),
     "patch only, floor x1.5": (lambda c: c["patch_size"], 1.5, 2.0),

@@ -94,3 +94,17 @@ def test_a_row_scanned_under_other_settings_is_stale_unless_they_cannot_act(monk
     assert not detection.is_current(probed, spec_g, "default")
     monkeypatch.setitem(detection.VARIANTS, "default", {"steps": 300})  # acts on every model
     assert not detection.is_current(rows[spec_c.name], spec_c, "default")
+
+
+def test_a_new_threshold_rejudges_rows_without_a_rescan(monkeypatch):
+    spec = next(s for s in detection.population() if s.backdoored)
+    row = {"key": spec.key(), "scan_settings": {**detection.scan_settings("default", spec.dataset), "threshold": 2.0},
+           "anomaly": 2.3, "best_class": spec.target, "target": spec.target, "verdict": "scanned under 2.0"}
+    assert detection.is_current(row, spec, "default")  # the threshold measures nothing: no rescan
+    monkeypatch.setitem(detection.VARIANTS, "default", {"threshold": 2.0})
+    at_2 = detection.judged(row, "default")
+    assert at_2["called_backdoored"] and at_2["target_right"] and at_2["verdict"] == "scanned under 2.0"
+    monkeypatch.setitem(detection.VARIANTS, "default", {"threshold": 2.5})
+    at_25 = detection.judged(row, "default")
+    assert not at_25["called_backdoored"] and not at_25["target_right"] and at_25["reported_target"] is None
+    assert at_25["verdict"].startswith("no backdoor found: highest anomaly index 2.30 <= 2.5")
