@@ -7,9 +7,9 @@ BPP's negative samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ class BppPoisoner:
     neg_rate: float = 0.2
 
     @classmethod
-    def from_images(cls, images: np.ndarray, target: int, levels: int = 8, **kw) -> "BppPoisoner":
+    def from_images(cls, images: np.ndarray, target: int, levels: int = 8, **kw) -> BppPoisoner:
         x = torch.from_numpy(images).permute(0, 3, 1, 2)
         squeeze = make_trigger(TriggerSpec("bpp", bpp_levels=levels), tuple(x.shape[-2:]))
         res = torch.cat([squeeze(x[i:i + 4096]).float() - x[i:i + 4096].float() for i in range(0, len(x), 4096)])

@@ -8,22 +8,27 @@ The rounds here end with the defended weights (no pull-back); "wise" reports, af
 ACC / ASR and every synthesised trigger's flips at each share s of the weight change (original + s x (defended -
 original)), which is what synth.pull_back decides on. Options: "steps" (fine-tuning step budget, default
 recipes.SYNTHESISED_TUNE_STEPS), "tune" (other TuneConfig fields, e.g. {"lr": 0.0005}), "recal" (re-estimate batch-norm
-statistics on the clean few-shot images after each round), "wise" (list of shares), "families": "evidence" (stamp only the family that gave the
-evidence), "rounds" (default 3). The data root is $GRADPRUNE_DATA (default ../shared/data). The logs behind README's
-"what was tried" are in results/blind-rounds-avx512/. A diagnostic: it prints, it writes no rows."""
-import json, os, sys
-from pathlib import Path
+statistics on the clean few-shot images after each round), "wise" (list of shares), "families": "evidence" (stamp only
+the family that gave the evidence), "rounds" (default 3). The data root is $GRADPRUNE_DATA (default ../shared/data).
+The logs behind docs/unknown-trigger.md's "what was tried" are in results/blind-rounds-avx512/. A diagnostic: it
+prints, it writes no rows."""
+import json
+import os
+import sys
 from dataclasses import replace
+from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
+
 from attacks import trigger_spec
-from tiers import TIERS
-from zoo import CACHE, backdoored
-from hf_gradprune.pipeline import JobConfig, prepare, _snapshot
 from hf_gradprune.methods import defend
 from hf_gradprune.metrics import attack_metrics
+from hf_gradprune.pipeline import JobConfig, _snapshot, prepare
 from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
 from hf_gradprune.synth import resynthesise, stamp_twins, standing, toward, trigger_flips, usable_triggers
+from tiers import TIERS
+from zoo import CACHE, backdoored
 
 dataset, attack, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 options = json.loads(sys.argv[4])  # name -> {"steps": int, "tune": {...}, "families": "both"|"evidence", "rounds": int}
@@ -94,6 +99,7 @@ for name, o in options.items():
             model.load_state_dict(defended)
         if o.get("wise"):
             print(f"{name} r{r} wise 1.0: synthesised flips {synthesised_flips(model, triggers)}", flush=True)
-        out.append(f"r{r}: st {st if st is None else round(st, 2)} acc {100*m.acc:.1f} asr {100*m.asr:.1f} ep {d.tune.epochs}/{d.tune.best_epoch}")
+        out.append(f"r{r}: st {st if st is None else round(st, 2)} acc {100*m.acc:.1f} asr {100*m.asr:.1f} "
+                   f"ep {d.tune.epochs}/{d.tune.best_epoch}")
         print(name, out[-1], flush=True)
     print(f"{dataset} {attack} {name}: " + " | ".join(out), flush=True)

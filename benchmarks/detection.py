@@ -42,13 +42,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo import CIFAR_MEAN, CIFAR_STD  # noqa: E402
-
 from hf_gradprune.demo import random_crop_flip  # noqa: E402
 from hf_gradprune.hub import Classifier  # noqa: E402
 from hf_gradprune.metrics import attack_metrics  # noqa: E402
 from hf_gradprune.synth import anomaly_index  # noqa: E402
 from hf_gradprune.triggers import TriggerSpec, make_trigger  # noqa: E402
+from zoo import CIFAR_MEAN, CIFAR_STD  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "detection"
@@ -581,33 +580,26 @@ def write_page() -> None:
                      f"{100 * s.poison_rate:.1f} % | {'yes' if s.augment else 'no'} | {100 * info['acc']:.1f} | "
                      f"{100 * info['asr']:.1f} | {info['planted']} |")
     PAGE.write_text("\n".join(lines) + "\n")
-    write_readme_block()
+    import docs_blocks  # the README's and docs' blocks read the rows just summarised
+    docs_blocks.main([])
 
 
-README = ROOT.parent / "README.md"
-BLOCK = ("<!-- detection-results -->", "<!-- /detection-results -->")
-
-
-def write_readme_block() -> None:
-    """The README's scan section: the default scan's dev and test lines and its failures, between the BLOCK markers
-    (rebuilt here, never edited by hand)."""
-    text = README.read_text()
-    if BLOCK[0] not in text:
-        return
+def results_block(part: str = "both", page: str = "docs/detection.md") -> str:
+    """The summary that README and docs/unknown-trigger.md show (benchmarks/docs_blocks.py writes it there): the default
+    scan's dev and test lines and its failures."""
     rows = current_rows("default")
-    lines = [BLOCK[0], "", "| part | backdoored / clean | AUROC | target right | called backdoored | clean called clean "
+    lines = ["| part | backdoored / clean | AUROC | target right | called backdoored | clean called clean "
              "| target among the classes scanned |", "|---|---|---|---|---|---|---|"]
-    for part in ("dev", "test"):
-        rs = [r for r in rows if r["split"] == part]
-        if rs:
-            lines.append(_line(f"{part} ({'chosen on' if part == 'dev' else 'reported only'})", summarise(rs)))
-    fails = [r for r in rows if failed(r)]
-    lines += ["", f"Failures of the default scan ({len(fails)}; `python benchmarks/detection.py report`, every row and "
-              "its evidence in [docs/detection.md](docs/detection.md)):", ""]
+    for split in ("dev", "test"):
+        rs = [r for r in rows if r["split"] == split]
+        if rs and part in (split, "both"):
+            lines.append(_line(f"{split} ({'chosen on' if split == 'dev' else 'reported only'})", summarise(rs)))
+    fails = [r for r in rows if failed(r) and part in (r["split"], "both")]
+    lines += ["", f"Failures of the default scan ({len(fails)}; `python benchmarks/detection.py report`; every row and "
+              f"its evidence in [docs/detection.md]({page})):", ""]
     lines += [f"- {r['split']} `{r['name']}` ({_trigger_words(r)}, target {r['target']}): {r['verdict']}"
               for r in fails] or ["- none"]
-    start, end = text.index(BLOCK[0]), text.index(BLOCK[1])
-    README.write_text(text[:start] + "\n".join(lines + ["", ""]) + text[end:])
+    return "\n".join(lines)
 
 
 def _trigger_words(row: dict) -> str:

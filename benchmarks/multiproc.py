@@ -112,21 +112,25 @@ def main(argv=None) -> int:
             runs = results[config]
             row = {"config": config, "processes": runs[0]["report"]["processes"],
                    "wall_s": statistics.median(r["wall_s"] for r in runs),
-                   "stages_s": {s: statistics.median(r["report"]["timing_s"].get(s, 0.0) for r in runs) for s in STAGES},
-                   **compare(results[ref][-1]["report"], runs[-1]["report"], tmp / f"out-{ref}", tmp / f"out-{config}")}
+                   "stages_s": {s: statistics.median(r["report"]["timing_s"].get(s, 0.0) for r in runs)
+                                for s in STAGES},
+                   **compare(results[ref][-1]["report"], runs[-1]["report"], tmp / f"out-{ref}",
+                             tmp / f"out-{config}")}
             rows.append(row)
     base = rows[0]["wall_s"]
     lines = [f"# 1 vs N processes: {device}", "",
-             f"CIFAR-10 BadNets (cpu tier model), SPC {args.spc}, {args.rounds} pruning rounds, {args.epochs} fine-tuning "
-             f"epochs, {args.eval_limit} test images; median of {args.repeats} runs; `python benchmarks/multiproc.py "
-             f"--spc {args.spc} --rounds {args.rounds} --epochs {args.epochs} --repeats {args.repeats}`", "",
+             f"CIFAR-10 BadNets (cpu tier model), SPC {args.spc}, {args.rounds} pruning rounds, {args.epochs} "
+             f"fine-tuning epochs, {args.eval_limit} test images; median of {args.repeats} runs; "
+             f"`python benchmarks/multiproc.py --spc {args.spc} --rounds {args.rounds} --epochs {args.epochs} "
+             f"--repeats {args.repeats}`", "",
              f"| config | wall s | speed-up vs {configs[0]} | prune s | fine-tune s | evaluate s | same pruning | "
              "same metrics before / after | after ACC / ASR % | max weight diff |", "|" + "---|" * 10]
     for r in rows:
         st = r["stages_s"]
         lines.append(f"| {r['config']} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}x | {st['prune']:.1f} | "
-                     f"{st['finetune']:.1f} | {st['evaluate_before'] + st['evaluate_after']:.1f} | {r['same_pruning']} | "
-                     f"{r['same_before']} / {r['same_after']} | {100 * r['after_acc']:.2f} / {100 * r['after_asr']:.2f} | "
+                     f"{st['finetune']:.1f} | {st['evaluate_before'] + st['evaluate_after']:.1f} | "
+                     f"{r['same_pruning']} | {r['same_before']} / {r['same_after']} | "
+                     f"{100 * r['after_acc']:.2f} / {100 * r['after_asr']:.2f} | "
                      f"{r['max_weight_diff']:.2e} |")
     table = "\n".join(lines)
     print(table)

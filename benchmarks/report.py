@@ -65,22 +65,24 @@ def table(rows: list[dict]) -> str:
              "paper ASR (same method) | vs paper | zeroed | FT epochs | round / floor | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (d, a, s, m), rs in sorted(groups.items()):
-        def col(stage, key):
+        def col(stage, key, rs=rs):
             return _ms([r[stage][key] for r in rs])
         method = METHOD_ORDER[m]
         paper = _paper(cells, d, a, s, "asr", method)
         floors = [r["per_round_over_floor"] for r in rs if r.get("per_round_over_floor") is not None]
         lines.append(
             f"| {d} | {a} | {s} | {method} | {len(rs)} | {col('before', 'acc')} | {col('after', 'acc')} | "
-            f"{col('before', 'asr')} | {col('after', 'asr')} | {col('after', 'ra')} | {paper} | {verdict(rs, paper)} | "
-            f"{statistics.mean(r['rounds'] for r in rs):.1f} | {statistics.mean(r['finetune_epochs'] for r in rs):.1f} | "
+            f"{col('before', 'asr')} | {col('after', 'asr')} | {col('after', 'ra')} | {paper} | "
+            f"{verdict(rs, paper)} | {statistics.mean(r['rounds'] for r in rs):.1f} | "
+            f"{statistics.mean(r['finetune_epochs'] for r in rs):.1f} | "
             f"{f'{statistics.median(floors):.2f}' if floors else '-'} | "
             f"{statistics.median(r['wall_s'] for r in rs):.0f} |")
     lines.append("")
     lines.append("Mean ± std over seeds, in %, on the full test set. 'gradprune': Grad-Prune in its default (robust) "
-                 "recipe; 'gradprune-paper': in the paper's recipe (`--recipe paper`). 'vs paper': our mean ASR against the paper's "
-                 "mean for the same method with the test ACC drop within alpha = 0.1. 'no backdoor planted': the "
-                 "attack did not take hold in training (ASR before < 50 %), so the cell does not test the defence. "
+                 "recipe; 'gradprune-paper': in the paper's recipe (`--recipe paper`). 'vs paper': our mean ASR "
+                 "against the paper's mean for the same method with the test ACC drop within alpha = 0.1. "
+                 "'no backdoor planted': the attack did not take hold in training (ASR before < 50 %), so the cell "
+                 "does not test the defence. "
                  "'zeroed': channels the defence zeroed (Grad-Prune: filters kept pruned). "
                  "'round / floor': median time of a pruning round over one forward+backward on the training split "
                  "plus one forward on the validation split, measured in the same run. Paper values: Dunnett et al. "
@@ -111,12 +113,13 @@ def winners(rows: list[dict], alpha: float = 0.10) -> str:
                         statistics.mean(r["before"]["acc"] - r["after"]["acc"] for r in rs))
         ok = sorted((asr, m) for m, (asr, drop) in stats.items() if drop <= alpha)
         best = f"{ok[0][1]} ({100 * ok[0][0]:.1f}, {100 * stats[ok[0][1]][1]:.1f})" if ok else "none within alpha"
-        def rank(method: str) -> str:
+        def rank(method: str, ok=ok, stats=stats) -> str:
             at = next((i + 1 for i, (_, m) in enumerate(ok) if m == method), None)
             return f"{at} of {len(ok)}" if at else "outside alpha" if method in stats else "-"
         by = ", ".join(f"{m} {100 * stats[m][0]:.1f}{'' if stats[m][1] <= alpha else '*'}"
                        for m in METHOD_ORDER if m in stats)
-        lines.append(f"| {d} | {a} | {s} | {len(seeds)} | {best} | {rank('gradprune')} | {rank('gradprune-paper')} | {by} |")
+        lines.append(f"| {d} | {a} | {s} | {len(seeds)} | {best} | {rank('gradprune')} | "
+                     f"{rank('gradprune-paper')} | {by} |")
     lines.append("")
     lines.append("Mean over the seeds every method ran, in %. A method whose mean test ACC drop exceeds alpha = 0.1 "
                  "(marked *) is not ranked.")
@@ -146,7 +149,8 @@ def recipes(rows: list[dict]) -> str:
                      + f" | {worst:+.1f} | {mean(pap, 'before', 'acc') - mean(pap, 'after', 'acc'):.1f} / "
                        f"{mean(robust, 'before', 'acc') - mean(robust, 'after', 'acc'):.1f} |")
     lines.append("")
-    lines.append("Mean over the seeds both recipes ran, in %; each seed is one few-shot draw, defended by both recipes.")
+    lines.append("Mean over the seeds both recipes ran, in %; each seed is one few-shot draw, defended by both "
+                 "recipes.")
     return "\n".join(lines) if pairs else ""
 
 
@@ -241,7 +245,9 @@ def compare_variants(results: Path, tier: str, seeds: set[int] | None = None) ->
     lines.append("| **mean** | | | " + " | ".join(
         " / ".join(f"{statistics.mean(v[i] for v in totals[n]):.1f}" for i in range(3)) if totals[n] else "-"
         for n in names) + " |")
-    lines.append(f"\nMean over {'seeds ' + ', '.join(map(str, sorted(seeds))) if seeds is not None else 'the seeds every column ran in the cell'}, in %, after the defence; cells whose attack did "
+    over = ("seeds " + ", ".join(map(str, sorted(seeds))) if seeds is not None
+            else "the seeds every column ran in the cell")
+    lines.append(f"\nMean over {over}, in %, after the defence; cells whose attack did "
                  "not take hold are left out. robust / paper: the two recipes. Variants (benchmarks/variants.py):")
     lines += [f"- {n}: {VARIANTS[n][3]}" for n in names if n in VARIANTS]
     return "\n".join(lines)

@@ -5,7 +5,8 @@
                                [--batch-size auto] [--results benchmarks/results/scale-<tag>]
 
 Random weights (time and memory do not depend on them). Each cell runs in its own process, so its peak resident
-memory (ru_maxrss; Linux carries a parent's peak into its child, and this parent holds only numpy) is the job's alone: load the Hub-layout folder, decode the few-shot draw at 224 px, choose the
+memory (ru_maxrss; Linux carries a parent's peak into its child, and this parent holds only numpy) is the job's
+alone: load the Hub-layout folder, decode the few-shot draw at 224 px, choose the
 batch (`--batch-size auto` unless given), prune `--rounds` rounds (Grad-Prune's engine, BadNets trigger, target 0),
 then time the floor: one plain forward+backward over the training images + one forward over the checked images
 (hf_gradprune.prune.round_floor), median of `--floor-repeats`. `--full-job` runs the whole CLI job instead
@@ -56,6 +57,7 @@ def build(arch: str, classes: int, spc: int) -> tuple[Path, Path]:
 def cell(arch: str, classes: int, spc: int, rounds: int, batch_size: str, floor_repeats: int) -> dict:
     """One cell, in this process: prepare, prune `rounds` rounds, time the floor."""
     import torch
+
     from hf_gradprune.memory import parse_batch_size
     from hf_gradprune.pipeline import JobConfig, prepare
     from hf_gradprune.prune import PruneConfig, gradient_prune, round_floor
@@ -89,6 +91,7 @@ def cell(arch: str, classes: int, spc: int, rounds: int, batch_size: str, floor_
 def full_job(arch: str, classes: int, spc: int, batch_size: str, max_epochs: int, max_rounds: int) -> dict:
     """The whole CLI job as a user runs it (defaults, but for a bounded fine-tuning), in this process."""
     import tempfile
+
     from hf_gradprune.cli import main
     model_dir, data_dir = build(arch, classes, spc)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +107,8 @@ def full_job(arch: str, classes: int, spc: int, batch_size: str, max_epochs: int
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | classes | train images | batch (auto) | peak memory GiB | s / round | floor s | round / floor |",
+    lines = ["| model | classes | train images | batch (auto) | peak memory GiB | s / round | floor s | "
+             "round / floor |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["classes"], r["batch"]["source"])):
         b = r["batch"]
@@ -150,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                 if out.returncode != 0:
                     print(out.stderr[-3000:], file=sys.stderr)
                     return out.returncode
-                path.write_text(json.dumps({**json.loads(out.stdout.strip().splitlines()[-1]),
-                                            "command": " ".join(["python benchmarks/scale.py"] + (argv or sys.argv[1:]))},
+                command = " ".join(["python benchmarks/scale.py"] + (argv or sys.argv[1:]))
+                path.write_text(json.dumps({**json.loads(out.stdout.strip().splitlines()[-1]), "command": command},
                                            indent=1))
             row = json.loads(path.read_text())
             rows.append(row)
-            print(json.dumps({k: row[k] for k in row if k not in ("chosen", "pruned", "round_s", "command")}), flush=True)
+            print(json.dumps({k: row[k] for k in row if k not in ("chosen", "pruned", "round_s", "command")}),
+                  flush=True)
     cells = [r for r in sorted((json.loads(p.read_text()) for p in (results / "rows").glob("cell-*.json")),
                                key=lambda r: (r["model"], r["classes"]))]
     if cells:

@@ -1,8 +1,8 @@
 """What the scan (`hf-gradprune scan`, `--trigger unknown`) costs as the number of classes grows: 10 (CIFAR-10), 43
 (GTSRB), 100 and 1000 (ImageNet) classes.
 
-    python benchmarks/scan_cost.py [--model cpu-tier] [--classes 10 43 100 1000] [--spc 10] [--full 20] [--select screen]
-        [--results DIR]
+    python benchmarks/scan_cost.py [--model cpu-tier] [--classes 10 43 100 1000] [--spc 10] [--full 20]
+        [--select screen] [--results DIR]
 
 `--model`: the cpu tier's model (timm resnet18 at half width, 32 px; the default), a full-width timm resnet18 at
 32 px, or the detection benchmark's transformers ViT and timm ConvNeXt (`benchmarks/detection.py`'s FAMILIES).
@@ -46,7 +46,8 @@ def build(name: str, classes: int):
         return timm_classifier("resnet18", labels, size=32)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from detection import Spec, build as build_family
+    from detection import Spec
+    from detection import build as build_family
     family = {"detection-vit": "hf-vit", "detection-convnext": "timm-convnext"}[name]
     spec = Spec(name=name, split="dev", dataset="cifar10", family=family, trigger=None, target=None, poison_rate=0.0,
                 augment=False, seed=0)

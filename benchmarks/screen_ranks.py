@@ -23,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detection  # noqa: E402
-
 from hf_gradprune.pipeline import run_scan  # noqa: E402
 from hf_gradprune.progress import ProgressEvent  # noqa: E402
 from hf_gradprune.synth import ScanConfig  # noqa: E402

@@ -32,13 +32,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attacks import trigger_spec  # noqa: E402
-from tiers import TIERS  # noqa: E402
-from zoo import CACHE, backdoored  # noqa: E402
-
 from hf_gradprune.metrics import attack_metrics  # noqa: E402
 from hf_gradprune.pipeline import JobConfig, prepare  # noqa: E402
 from hf_gradprune.prune import FilterPruner, PruneConfig, gradient_prune, round_floor  # noqa: E402
 from hf_gradprune.triggers import make_trigger  # noqa: E402
+from tiers import TIERS  # noqa: E402
+from zoo import CACHE, backdoored  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "speed"
 
@@ -48,8 +47,8 @@ def engine_rounds(job, pruner, rounds: int, batch_size: int, autocast: bool = Fa
     stamps = [time.perf_counter()]
     cfg = PruneConfig(alpha=1.0, patience=rounds + 1, max_rounds=rounds)  # exactly `rounds` rounds, no early stop
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        res = gradient_prune(job.loaded.model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], t["val_y"],
-                             cfg, job.target, batch_size, lambda r: stamps.append(time.perf_counter()))
+        res = gradient_prune(job.loaded.model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"],
+                             t["val_y"], cfg, job.target, batch_size, lambda r: stamps.append(time.perf_counter()))
     while pruner.pruned:
         pruner.undo_last()
     return [b - a for a, b in zip(stamps, stamps[1:])], [(r.layer, r.index) for r in res.rounds]
@@ -122,7 +121,8 @@ def table(rows: list[dict]) -> str:
         med = {k: statistics.median(r[f"{k}_round_s"]) for k in ("engine", "naive", "bf16")}
         lines.append(f"| {r['spc']} | {r['n_train']} / {r['n_val']} / {r['n_test']} | {r['floor_s']:.3f} | "
                      f"{med['engine']:.3f} | {r['engine_over_floor']:.2f} | {med['naive']:.3f} | "
-                     f"{r['naive_over_engine']:.2f} | {med['bf16']:.3f} | {'yes' if r['bf16_same_filters'] else 'no'} |")
+                     f"{r['naive_over_engine']:.2f} | {med['bf16']:.3f} | "
+                     f"{'yes' if r['bf16_same_filters'] else 'no'} |")
     lines.append(f"\nMedians over {rows[0]['rounds']} rounds, all variants measured in one process on the same model "
                  f"and few-shot draw (CPU, {torch.get_num_threads()} torch threads).")
     return "\n".join(lines)

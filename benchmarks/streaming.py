@@ -45,6 +45,7 @@ def build(arch: str, images: int, source_size: int) -> tuple[Path, Path]:
 
 def mode_row(mode: str, arch: str, images: int, source_size: int) -> dict:
     import torch
+
     from hf_gradprune.data import decode, load_splits
     from hf_gradprune.hub import load_model
     from hf_gradprune.memory import choose_batch_size
@@ -86,8 +87,8 @@ def peak_rss_gib() -> float:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | images | peak memory GiB | decode s (before measuring) | measure s | total s | ms per image decoded "
-             "/ per forward |", "|---|---|---|---|---|---|---|"]
+    lines = ["| mode | images | peak memory GiB | decode s (before measuring) | measure s | total s | "
+             "ms per image decoded / per forward |", "|---|---|---|---|---|---|---|"]
     held = next((r for r in rows if r["mode"] == "held"), None)
     for r in rows:
         split = (f"{1000 * held['decode_s'] / held['images']:.1f} / {1000 * held['measure_s'] / held['forwards']:.1f}"
@@ -118,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"{mode} ...", file=sys.stderr, flush=True)
             out = subprocess.run([sys.executable, __file__, "--mode", mode, "--model", args.model, "--images",
-                                  str(args.images), "--source-size", str(args.source_size)], capture_output=True, text=True)
+                                  str(args.images), "--source-size", str(args.source_size)],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
                 return out.returncode
             path.write_text(json.dumps({**json.loads(out.stdout.strip().splitlines()[-1]),
-                                        "command": " ".join(["python benchmarks/streaming.py"] + (argv or sys.argv[1:]))},
+                                        "command": " ".join(["python benchmarks/streaming.py"]
+                                                            + (argv or sys.argv[1:]))},
                                        indent=1))
         rows.append(json.loads(path.read_text()))
     if len({json.dumps(r["metrics"], sort_keys=True) for r in rows}) != 1:

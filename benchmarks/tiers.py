@@ -58,7 +58,8 @@ class Tier:
     methods: tuple = ("gradprune",)
     baseline_attacks: tuple = ATTACKS  # cells the baselines run on (those where the attack takes hold)
     baseline_seeds: dict = field(default_factory=dict)  # SPC -> the seeds the baselines run at that SPC (default: all)
-    baseline: dict = field(default_factory=dict)  # dataset -> BaselineConfig overrides (the papers' per-dataset settings)
+    # dataset -> BaselineConfig overrides (the papers' per-dataset settings)
+    baseline: dict = field(default_factory=dict)
 
 
 TIERS = {
@@ -67,7 +68,8 @@ TIERS = {
     "smoke": Tier(["digits"], spcs=(10,), seeds=(0,),
                   recipes={"digits": Recipe(model_args={"channels": [16, 32, 64, 128], "stem_width": 16}, epochs=12,
                                             lr=0.05, batch_size=32)},
-                  methods=METHODS, baseline_attacks=("badnet",), baseline={"digits": {"anp_iters": 300, "augment": "crop"}}),
+                  methods=METHODS, baseline_attacks=("badnet",),
+                  baseline={"digits": {"anp_iters": 300, "augment": "crop"}}),
     # ANP: each mask iteration costs 3 forward + 2 backward passes; 2000 of them take about 5 min a run on 2 cores,
     # so the cpu tier runs 500 (the paper tiers run ANP's 2000)
     "cpu": Tier(["cifar10", "gtsrb"], spcs=(10, 2, 100), seeds=(0, 1, 2),
@@ -89,7 +91,7 @@ TIERS = {
     # lr 0.05, not BackdoorBench's 0.01: with 12 epochs instead of 100, lr 0.01 cosine gave a CIFAR-10 BadNets model
     # of 63.8 % ACC that had not learned the backdoor at all (ASR 8.6 %), nothing to defend against
     # BackdoorBench's CIFAR PreActResNet-18 has a 3x3 stride-1 stem; the Hub-loadable pre-activation ResNet-18 is timm's
-    # resnetv2_18 (ImageNet stem), the closest a Hub user meets. GPU jobs: see README "Benchmarks".
+    # resnetv2_18 (ImageNet stem), the closest a Hub user meets. GPU jobs: see docs/benchmarks.md.
     "paper": Tier(["cifar10", "gtsrb"], spcs=(2, 10, 100), seeds=(0, 1, 2, 3, 4),
                   recipes={d: Recipe(arch="resnetv2_18", model_args={}, epochs=100) for d in ("cifar10", "gtsrb")},
                   methods=METHODS, baseline={"gtsrb": GTSRB_BASELINE}),
@@ -133,7 +135,8 @@ def run_row(tier: str, t: Tier, dataset: str, attack: str, spc: int, seed: int, 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = run(JobConfig(model=str(zoo.folder), data=str(zoo.dataset_folder), output=f"{tmp}/out", spc=spc,
-                            seed=seed, trigger=trigger_spec("badnet" if attack == CLEAN else attack, cache / "triggers"),
+                            seed=seed,
+                            trigger=trigger_spec("badnet" if attack == CLEAN else attack, cache / "triggers"),
                             # blind: the target is the scan's to find; the real one (attack's) measures
                             target="auto" if blind else str(recipe.target), blind=blind,
                             **({"scan": ScanConfig(**scan)} if scan else {}),
@@ -233,16 +236,16 @@ def blind_vs_baselines(rows: list[dict], base: list[dict]) -> str:
         cols = [f"{np.mean([g[2] for g in gp]):.1f} / {np.mean([g[1] for g in gp]):.1f}"]
         cols += [f"{np.mean([100 * by[m][s]['after']['acc'] for s in seeds]):.1f} / "
                  f"{np.mean([100 * by[m][s]['after']['asr'] for s in seeds]):.1f}" for m in methods]
-        lines.append(f"| {d} | {spc} | {a} | {','.join(map(str, seeds))} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | "
-                     + " | ".join(cols) + " |")
+        lines.append(f"| {d} | {spc} | {a} | {','.join(map(str, seeds))} | "
+                     f"{100 * b['acc']:.1f} / {100 * b['asr']:.1f} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
 def blind_means(rows: list[dict]) -> str:
     """Per dataset and SPC, against the issue's goals: mean ASR after (real trigger) <= 10 %, mean ACC drop <= 3
     points, target found in >= 90 % of backdoored runs, >= 90 % of clean-model scans clean."""
-    lines = ["| dataset | SPC | attack | runs | target found | mean ACC drop (pts) | mean ASR after % | clean scans clean |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | SPC | attack | runs | target found | mean ACC drop (pts) | mean ASR after % | "
+             "clean scans clean |", "|---|---|---|---|---|---|---|---|"]
     for d, spc in sorted({(r["dataset"], r["spc"]) for r in rows}):
         cell = [r for r in rows if (r["dataset"], r["spc"]) == (d, spc)]
         attacks = sorted({r["attack"] for r in cell if r["attack"] != CLEAN})
@@ -251,7 +254,8 @@ def blind_means(rows: list[dict]) -> str:
             drop = [_blind_after(r)[0] for r in rs]
             asr = [_blind_after(r)[1] for r in rs]
             clean = [r for r in cell if r["attack"] == CLEAN] if a == "all" else []
-            lines.append(f"| {d} | {spc} | {a} | {len(rs)} | {sum(r['scan']['target_found'] for r in rs)} / {len(rs)} | "
+            lines.append(f"| {d} | {spc} | {a} | {len(rs)} | "
+                         f"{sum(r['scan']['target_found'] for r in rs)} / {len(rs)} | "
                          f"{np.mean(drop):.1f} | {np.mean(asr):.1f} | "
                          + (f"{sum(not r['scan']['backdoored'] for r in clean)} / {len(clean)} |" if clean else "- |"))
     return "\n".join(lines)
@@ -273,7 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", help="results in <tier>-<tag>[-<variant>]/: rows of models trained on another machine "
                                   "(the same recipe gives other weights on another CPU) are kept apart")
     ap.add_argument("--variant", choices=sorted(VARIANTS),
-                    help="a Grad-Prune variant (benchmarks/variants.py) in place of the recipes; rows go to <tier>-<variant>/")
+                    help="a Grad-Prune variant (benchmarks/variants.py) in place of the recipes; "
+                         "rows go to <tier>-<variant>/")
     ap.add_argument("--epochs", type=int, help="override the tier's training epochs (a dry run of a GPU tier on CPU)")
     ap.add_argument("--train-limit", type=int, help="train the backdoored models on this many images only (dry run)")
     ap.add_argument("--synth-rounds", type=int, default=None,
@@ -281,12 +286,14 @@ def main(argv=None) -> int:
     ap.add_argument("--synth-from", choices=("original", "defended"), default=None,
                     help="--blind: what later rounds defend (default: the tool's); rows go to <...>-blind[-rN]-<FROM>/")
     ap.add_argument("--blind", action="store_true",
-                    help="Grad-Prune with the trigger unknown to it (scan + synthesis); the real trigger only measures. "
-                         "Clean models (same recipe, no poison) are scanned too; rows go to <tier>-<tag>-blind/")
+                    help="Grad-Prune with the trigger unknown to it (scan + synthesis); the real trigger only "
+                         "measures. Clean models (same recipe, no poison) are scanned too; rows go to "
+                         "<tier>-<tag>-blind/")
     args = ap.parse_args(argv)
     t = TIERS[args.tier]
     if args.epochs or args.train_limit:
-        t = replace(t, recipes={d: replace(r, epochs=args.epochs or r.epochs, train_limit=args.train_limit or r.train_limit)
+        t = replace(t, recipes={d: replace(r, epochs=args.epochs or r.epochs,
+                                           train_limit=args.train_limit or r.train_limit)
                                 for d, r in t.recipes.items()})
     variant = args.variant
     tier = args.tier + (f"-{args.tag}" if args.tag else "")  # this machine's rows of the tier (the baselines' folder)
@@ -315,12 +322,14 @@ def main(argv=None) -> int:
         for i, (d, a, s, seed, m) in enumerate(cells, 1):
             t0 = time.perf_counter()
             scan = {k: v for k, v in (("rounds", args.synth_rounds), ("rounds_from", args.synth_from)) if v}
-            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, m, variant, args.blind, scan)
+            row = run_row(args.tier, t, d, a, s, seed, args.data, results, args.cache, log, m, variant, args.blind,
+                          scan)
             if args.blind:
                 log(f"[{i}/{len(cells)}] {d} {a} SPC {s} seed {seed} blind: scan "
                     f"{'backdoored' if row['scan']['backdoored'] else 'clean'} -> {row['scan']['target']}"
                     + (f", ASR {100 * row['before']['asr']:.1f} -> {100 * row['after']['asr']:.1f} %, ACC "
-                       f"{100 * row['before']['acc']:.1f} -> {100 * row['after']['acc']:.1f} %" if row["written"] else "")
+                       f"{100 * row['before']['acc']:.1f} -> {100 * row['after']['acc']:.1f} %"
+                       if row["written"] else "")
                     + f" ({time.perf_counter() - t0:.0f} s)")
                 continue
             log(f"[{i}/{len(cells)}] {d} {a} SPC {s} seed {seed} {m}: ASR {100 * row['before']['asr']:.1f} -> "

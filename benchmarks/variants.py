@@ -34,7 +34,8 @@ VARIANTS: dict[str, tuple] = {
     "n-lr003": ("robust", {}, {**_LR003, "patience": 10}, "no pruning, distillation fine-tuning at lr 0.003"),
     "n-distill-only-lr003": ("robust", {}, {**_LR003, "patience": 10, "hard_labels": 0.0},
                              "n-lr003 on the distillation targets alone (no true labels)"),
-    "n-hard03-lr003": ("robust", {}, {**_LR003, "patience": 10, "hard_labels": 0.3}, "n-lr003 with the true labels at weight 0.3"),
+    "n-hard03-lr003": ("robust", {}, {**_LR003, "patience": 10, "hard_labels": 0.3},
+                       "n-lr003 with the true labels at weight 0.3"),
     "r-latest30": ("robust", {}, {"select": "latest_within_alpha", "max_epochs": 30, "patience": 10},
                    "robust, 30 epochs (cosine over 30), keeping the last epoch within alpha"),
     "r-patience10": ("robust", {}, {"patience": 10}, "robust with the paper's fine-tuning patience of 10"),
@@ -45,21 +46,25 @@ VARIANTS: dict[str, tuple] = {
     "r-sam": ("robust", {}, {"sam_rho": 2.0}, "robust + FT-SAM's adaptive SAM step (rho 2)"),
     "r-lr003": ("robust", {}, {"lr": 0.003}, "robust at lr 0.003 (patience 30, as the default)"),
     "r-bounded": ("robust", {}, {"select": "unlearning_within_alpha"},
-                  "the robust recipe before this search: the same selection among epochs within alpha on the validation split"),
+                  "the robust recipe before this search: the same selection among epochs within alpha on the "
+                  "validation split"),
     "r-unbounded": ("robust", {}, {"select": "unlearning"},
                     "robust keeping the epoch with the lowest clean + unlearning validation loss, no accuracy bound"),
-    "r-bneval": ("robust", {}, {"frozen_norm_stats": True}, "robust with batch-norm statistics frozen while fine-tuning"),
+    "r-bneval": ("robust", {}, {"frozen_norm_stats": True},
+                 "robust with batch-norm statistics frozen while fine-tuning"),
     # --- the trigger unknown (run with --blind): the robust recipe against a synthesised trigger fine-tunes for about
     # recipes.SYNTHESISED_TUNE_STEPS optimiser steps per round; these are the same defence with another length
     "s-epochs100": ("robust", {}, {"max_steps": None},
                     "the trigger-unknown defence before the step budget: up to 100 epochs per round (cosine over 100)"),
     "s-nopullback": ("robust", {}, {"max_steps": SYNTHESISED_TUNE_STEPS},
-                     "the trigger-unknown defence before the pull-back: the defended weights as the last round left them",
+                     "the trigger-unknown defence before the pull-back: the defended weights as the last round "
+                     "left them",
                      {"scan": ScanConfig(keep_flip=None)}),
     "s-lr5e-4": ("robust", {}, {"max_steps": SYNTHESISED_TUNE_STEPS, "lr": 0.0005},
                  "s-nopullback at half the learning rate (0.0005)", {"scan": ScanConfig(keep_flip=None)}),
     # the step budget on the known trigger (robust keeps 100 epochs there)
-    "r-steps80": ("robust", {}, {"max_steps": 80}, "robust, fine-tuning for about 80 optimiser steps (cosine over them)"),
+    "r-steps80": ("robust", {}, {"max_steps": 80},
+                  "robust, fine-tuning for about 80 optimiser steps (cosine over them)"),
     "r-val30": ("robust", {}, {}, "robust with 3 of the SPC images per class for validation (--val-ratio 0.3)",
                 {"val_ratio": 0.3}),
 }

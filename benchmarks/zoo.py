@@ -13,11 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_gradprune.demo import DIGIT_NAMES, digits, poison, save_timm, timm_classifier, train_classifier, write_hub_dataset
+from attacks import BppPoisoner, changed_pixel_share, trigger_spec
+from hf_gradprune.demo import (
+    DIGIT_NAMES,
+    digits,
+    poison,
+    save_timm,
+    timm_classifier,
+    train_classifier,
+    write_hub_dataset,
+)
 from hf_gradprune.metrics import attack_metrics
 from hf_gradprune.triggers import make_trigger
-
-from attacks import BppPoisoner, changed_pixel_share, trigger_spec
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache"

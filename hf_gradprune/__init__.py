@@ -1,4 +1,5 @@
-"""hf-gradprune: remove backdoors from Hub vision models by gradient-based pruning (conv filters, MLP neurons, attention heads) + fine-tuning."""
+"""hf-gradprune: remove backdoors from Hub vision models by gradient-based pruning (conv filters, MLP neurons,
+attention heads) + fine-tuning."""
 
 __version__ = "0.1.0"
 

@@ -104,8 +104,10 @@ def render_card(report: dict, plot_file: str, license: str | None = None) -> Mod
         load_snippet=load, plot_file=plot_file,
         before=_pct(report["before"]), after=_pct(report["after"]),
         n_clean=report["after"]["n_clean"], n_triggered=report["after"]["n_triggered"], test_split=split,
-        trigger=report["trigger"], target=f'{target["index"]} ({target["name"]})' if target.get("name") else target["index"],
-        target_note=" (found automatically: the class most triggered few-shot images were sent to)" if target["auto"] else "",
+        trigger=report["trigger"],
+        target=f'{target["index"]} ({target["name"]})' if target.get("name") else target["index"],
+        target_note=(" (found automatically: the class most triggered few-shot images were sent to)"
+                     if target["auto"] else ""),
         input_size=f'{report["data"]["input_size"][0]}x{report["data"]["input_size"][1]}',
         spc=cfg["spc"], split=cfg["split"], n_train=report["data"]["n_train"], n_val=report["data"]["n_val"],
         seed=cfg["seed"], method_title=method["title"], method_desc=method["description"],

@@ -51,7 +51,8 @@ def _scan_flags(g) -> None:
                         "per family; its cost does not grow with the classes, but it misses targets)")
     g.add_argument("--synth-rounds", type=int, default=ScanConfig.rounds,
                    help="--trigger unknown / --blind: synthesise -> unlearn rounds; each later round re-synthesises "
-                        f"the target's triggers on the defended model and unlearns them too (default {ScanConfig.rounds})")
+                        "the target's triggers on the defended model and unlearns them too "
+                        f"(default {ScanConfig.rounds})")
     g.add_argument("--synth-from", choices=("original", "defended"), default=ScanConfig.rounds_from,
                    help="what each later round defends against all triggers found so far: the original model "
                         "(default; accuracy lost to unlearning does not add up) or the last round's")
@@ -110,7 +111,8 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g.add_argument("--image-column", help="default: the dataset's Image feature")
     g.add_argument("--label-column", help="default: the dataset's ClassLabel feature")
     g.add_argument("--spc", type=int, default=10, help="images per class, train + validation (default 10; 2 = 1 + 1)")
-    g.add_argument("--val-ratio", type=float, default=0.1, help="share of SPC used for validation (at least 1 per class)")
+    g.add_argument("--val-ratio", type=float, default=0.1,
+                   help="share of SPC used for validation (at least 1 per class)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-limit", type=int, help="cap the test set at N images (seeded draw) for speed")
     g = p.add_argument_group("trigger (stamped in pixel space at the model's input size, before normalisation)")
@@ -133,8 +135,8 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g.add_argument("--method", choices=list(METHODS), default="gradprune",
                    help="gradprune (default, the paper's method) or a baseline: ft, fp, nad, clp, ftsam, anp")
     g.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
-                   help="gradprune: robust (default: no pruning at 5 or more training images per class unless --max-rounds N, "
-                        "robust pruning below that; fine-tuning on clean + "
+                   help="gradprune: robust (default: no pruning at 5 or more training images per class unless "
+                        "--max-rounds N, robust pruning below that; fine-tuning on clean + "
                         "triggered images at lr 0.001 cosine distils the original model's outputs on the clean images "
                         "and is selected on the unlearning loss) or paper (the paper's exact procedure)")
     g = p.add_argument_group("pruning (gradprune; --alpha also bounds fp's and anp's sweeps)")
@@ -142,12 +144,13 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                    help="stop when val accuracy drops by more than this absolute fraction (default 0.10)")
     g.add_argument("--prune-patience", type=int, default=PruneConfig.patience, help="Pp (default 10)")
     g.add_argument("--max-rounds", type=int,
-                   help="default: the recipe's (robust: 0, no pruning, measured best after its fine-tuning, or 500 below 5 "
-                        "training images per class; paper 500). "
+                   help="default: the recipe's (robust: 0, no pruning, measured best after its fine-tuning, or 500 "
+                        "below 5 training images per class; paper 500). "
                         "N > 0 under the robust recipe prunes with its rules: bound on all few-shot images, a filter "
                         "that breaks it skipped")
     g.add_argument("--score", choices=SCORES, default=PruneConfig.score,
-                   help="filter score: grad = mean |dL/dW| (paper, default); grad_x_weight = mean |dL/dW * W| (variant)")
+                   help="filter score: grad = mean |dL/dW| (paper, default); "
+                        "grad_x_weight = mean |dL/dW * W| (variant)")
     g.add_argument("--score-norm", choices=NORMALISATIONS, default=PruneConfig.normalise,
                    help="layer: divide scores by their layer's mean before picking (variant; default none)")
     g = p.add_argument_group("fine-tuning (defaults: gradprune lr 0.001 cosine (paper recipe: 0.001 constant), no "
@@ -167,7 +170,8 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                    help="crop = random crop with 1/8-side zero padding; crop-flip adds horizontal flips (off for "
                         "images where left and right differ in meaning, e.g. traffic signs)")
     g = p.add_argument_group("baselines")
-    g.add_argument("--fp-step", type=float, default=BaselineConfig.fp_step, help="fp: share of channels per step (0.01)")
+    g.add_argument("--fp-step", type=float, default=BaselineConfig.fp_step,
+                   help="fp: share of channels per step (0.01)")
     g.add_argument("--nad-teacher-epochs", type=int, default=BaselineConfig.nad_teacher_epochs)
     g.add_argument("--clp-u", type=float, default=BaselineConfig.clp_u, help="clp: prune above mean + u * std (3)")
     g.add_argument("--sam-rho", type=float, default=BaselineConfig.sam_rho, help="ftsam: rho (CIFAR-10 2.0, GTSRB 8.0)")
@@ -180,8 +184,9 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     g.add_argument("--push", action="store_true", help="upload the output folder to the Hub")
     g.add_argument("--repo-id", help="default <your user>/<model-name>-<method>")
-    g.add_argument("--source-id", help="the Hub repo (org/name) a local MODEL folder lives at: the card and report name "
-                                       "it and the card's base_model is set to it (default: the folder's name only)")
+    g.add_argument("--source-id",
+                   help="the Hub repo (org/name) a local MODEL folder lives at: the card and report name "
+                        "it and the card's base_model is set to it (default: the folder's name only)")
     g.add_argument("--data-id", help="the Hub repo (org/name) a local --data folder lives at: the card and report name "
                                      "it and the card's datasets is set to it (default: the folder's name only)")
     g.add_argument("--private", action="store_true")
@@ -199,7 +204,8 @@ def _main_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
 
 
 def _push_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-gradprune push", description="Upload an hf-gradprune output folder to the Hub.")
+    p = argparse.ArgumentParser(prog="hf-gradprune push",
+                                description="Upload an hf-gradprune output folder to the Hub.")
     p.add_argument("folder")
     p.add_argument("--repo-id")
     p.add_argument("--private", action="store_true")
@@ -315,13 +321,15 @@ def _retry_command(out: Path, repo_id: str, private: bool, create_pr: bool, revi
     return shlex.join(args)
 
 
-def _push(out: Path, repo_id: str, token: str | None, private: bool, create_pr: bool, revision: str | None = None) -> int:
+def _push(out: Path, repo_id: str, token: str | None, private: bool, create_pr: bool,
+          revision: str | None = None) -> int:
     from .hub import PushFailed, failure_reason, push_folder
     try:
         url = push_folder(out, repo_id, token=token, private=private, create_pr=create_pr, revision=revision)
     except PushFailed as failed:  # network, auth, permissions: whatever it is, the local folder stays
         print(f"hf-gradprune: error: upload to {repo_id} failed ({failure_reason(failed.cause, token)}); the sanitised "
-              f"model is intact in {out}; retry with: {_retry_command(out, repo_id, private, create_pr, failed.revision)}",
+              f"model is intact in {out}; retry with: "
+              f"{_retry_command(out, repo_id, private, create_pr, failed.revision)}",
               file=sys.stderr)
         return EXIT_PUSH
     except KeyboardInterrupt:
@@ -350,7 +358,7 @@ class _RaisingParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def job_config(argv: list[str], raising: bool = False) -> tuple["JobConfig", argparse.Namespace]:
+def job_config(argv: list[str], raising: bool = False) -> tuple[JobConfig, argparse.Namespace]:
     """The command line -> the pipeline's JobConfig, with every check the CLI makes (the Space builds an argv too,
     so both give the same job and the same error messages)."""
     from .pipeline import JobConfig
@@ -533,6 +541,7 @@ def scan_command(argv: list[str]) -> int:
 def demo_command(argv: list[str]) -> int:
     args = _demo_parser().parse_args(argv)
     import time
+
     from .demo import run_demo
     if args.quiet:
         _quiet_libraries()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -70,9 +70,11 @@ def load_splits(data_id: str, revision: str | None = None):
         ds = load_dataset(str(folder), cache_dir=local_cache_dir(folder)) if folder.is_dir() else \
             load_dataset(data_id, revision=revision)
     except FileNotFoundError:
-        raise UserError(f"--data {data_id}: no such dataset folder or Hub dataset; give a Hub id or a folder in Hub layout") from None
+        raise UserError(f"--data {data_id}: no such dataset folder or Hub dataset; "
+                        "give a Hub id or a folder in Hub layout") from None
     except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ValueError)
-        raise UserError(f"--data {data_id}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"--data {data_id}: cannot load it "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(ds, DatasetDict):
         raise UserError(f"--data {data_id}: expected a dataset with named splits")
     return ds
@@ -92,7 +94,8 @@ def _column(features, wanted: str | None, feature_type, kind: str, flag: str, da
 
 def find_columns(features, data_id: str, image_column: str | None, label_column: str | None) -> tuple[str, str]:
     """The image and label columns: the Image and ClassLabel features unless named."""
-    from datasets import ClassLabel, Image as ImageFeature
+    from datasets import ClassLabel
+    from datasets import Image as ImageFeature
     return (_column(features, image_column, ImageFeature, "Image", "--image-column", data_id),
             _column(features, label_column, ClassLabel, "ClassLabel", "--label-column", data_id))
 
@@ -114,7 +117,8 @@ def align_classes(data_names: list[str] | None, labels: np.ndarray, model_names:
         raise UserError(f"--data {data_id}: {len(data_names)} classes, but MODEL {model_id} has {num_classes} outputs; "
                         "use the dataset the model was trained on")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise UserError(f"--data {data_id}: labels span {labels.min()}..{labels.max()}, outside the model's {num_classes} classes")
+        raise UserError(f"--data {data_id}: labels span {labels.min()}..{labels.max()}, "
+                        f"outside the model's {num_classes} classes")
     if _generic(data_names) or _generic(model_names):
         return None
     data_keys, model_keys = [_norm_name(d) for d in data_names], [_norm_name(m) for m in model_names]

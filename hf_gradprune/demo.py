@@ -4,8 +4,9 @@ on real images that ship inside scikit-learn (the 8x8 digits, upscaled to 32x32)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ def digits(size: int = 32, seed: int = 0, test_fraction: float = 0.2,
 def write_hub_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
                       image_column: str = "image", label_column: str = "label") -> Path:
     """A dataset folder in Hub layout (data/<split>-00000-of-00001.parquet + README configs), as the Hub stores it."""
-    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     quiet_before = are_progress_bars_disabled()
     disable_progress_bars()  # writing a few small parquet files needs no bars
@@ -61,7 +63,8 @@ def write_hub_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarr
     (folder / "data").mkdir(parents=True, exist_ok=True)
     features = Features({image_column: ImageFeature(), label_column: ClassLabel(names=class_names)})
     for name, (x, y) in splits.items():
-        ds = Dataset.from_dict({image_column: [Image.fromarray(im) for im in x], label_column: y.tolist()}, features=features)
+        ds = Dataset.from_dict({image_column: [Image.fromarray(im) for im in x], label_column: y.tolist()},
+                               features=features)
         ds.to_parquet(str(folder / "data" / f"{name}-00000-of-00001.parquet"))
     if not quiet_before:
         enable_progress_bars()
@@ -70,7 +73,8 @@ def write_hub_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarr
     return folder
 
 
-def poison(x: np.ndarray, y: np.ndarray, rate: float, target: int, stamp: Callable, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def poison(x: np.ndarray, y: np.ndarray, rate: float, target: int, stamp: Callable,
+           seed: int) -> tuple[np.ndarray, np.ndarray]:
     """All-to-one poisoning: a seeded `rate` share of the training set gets the trigger and the target label."""
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(x), size=int(round(rate * len(x))), replace=False)
@@ -253,13 +257,14 @@ def _plant(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: in
                        f"(ASR {', '.join(f'{a:.1%}' for a in asrs)}); train longer")
 
 
-def run_demo(workdir: Path = Path("hf-gradprune-demo"), progress=None, seed: int = 0, quiet: bool = False) -> "JobResult":
+def run_demo(workdir: Path = Path("hf-gradprune-demo"), progress=None, seed: int = 0, quiet: bool = False) -> JobResult:
     """Plant a backdoor, then remove it with the main job, all offline."""
     from .pipeline import JobConfig, run
     t0 = time.perf_counter()
     built = build_backdoored_digits(Path(workdir), seed=seed)
     train_s = time.perf_counter() - t0
-    cfg = JobConfig(model=str(built["model"]), data=str(built["data"]), output=str(Path(workdir) / "digits-resnet18-gradprune"),
+    cfg = JobConfig(model=str(built["model"]), data=str(built["data"]),
+                    output=str(Path(workdir) / "digits-resnet18-gradprune"),
                     overwrite=True, seed=seed)  # the card's command: the pipeline's, with the folders by name
     result = run(cfg, progress)
     result.report["timing_s"]["demo_build"] = train_s

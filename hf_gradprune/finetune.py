@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,8 @@ class TuneConfig:
     hard_labels: float = 1.0  # weight of the cross-entropy against the true labels
     frozen_norm_stats: bool = False  # batch norms keep the statistics they came with (train in eval mode): batches
     #                                  half of triggered twins would otherwise move them away from clean images
-    sam_rho: float = 0.0  # Grad-Prune: > 0 takes FT-SAM's adaptive sharpness-aware step (methods/ftsam.py) with this rho
+    sam_rho: float = 0.0  # Grad-Prune: > 0 takes FT-SAM's adaptive sharpness-aware step (methods/ftsam.py) with
+    #                       this rho
 
 
 @dataclass
@@ -152,8 +153,8 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
         unlearning_loss = val_loss_acc(model, val_triggered, val_labels, chunk_size, procs)[0]
         result.val_unlearning_losses.append(unlearning_loss)
         # the model as it enters fine-tuning is the fallback; under a bound it competes only if it is within alpha
-        best = best + unlearning_loss if not (bounded and accuracy_dropped(base_correct, start_correct, n_val, cfg.alpha)) \
-            else float("inf")
+        best = (best + unlearning_loss
+                if not (bounded and accuracy_dropped(base_correct, start_correct, n_val, cfg.alpha)) else float("inf"))
     since_best = 0
     train_model, train_opt = _prepare(model, opt, procs)
     smallest = max(2, procs.world)  # BatchNorm cannot train on one image; every process needs one
@@ -175,7 +176,7 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
                 x, y, scale = x[part], y[part], len(y[part]) * procs.world / len(idx)
                 extra = () if soft_targets is None else (soft_targets[idx][part],)
 
-                def closure():
+                def closure(x=x, y=y, extra=extra, scale=scale):  # this step's batch
                     train_opt.zero_grad(set_to_none=True)
                     if len(y) <= chunk:
                         loss = loss_fn(train_model, x, y, *extra)

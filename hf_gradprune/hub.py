@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,8 +34,10 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = net
         self.library = library
-        self.register_buffer("scale_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / scale, persistent=False)
-        self.register_buffer("scale_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) / scale, persistent=False)
+        self.register_buffer("scale_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / scale,
+                             persistent=False)
+        self.register_buffer("scale_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) / scale,
+                             persistent=False)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.scale_mean) / self.scale_std
@@ -75,20 +77,27 @@ def resolve_source(source: str, revision: str | None, allow_pickle: bool) -> tup
     if path.exists() or not HUB_ID.match(source):
         raise UserError(f"MODEL {source}: not a folder and not a Hub id; give org/name or a folder with config.json")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     patterns = ["*.json", "*.safetensors", "*.txt", "*.md"] + (["*.bin", "*.pth"] if allow_pickle else [])
     try:
         local = Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
-        raise UserError(f"MODEL {source}: the repo is gated; accept its terms on the Hub and log in (hf auth login)") from None
+        raise UserError(f"MODEL {source}: the repo is gated; "
+                        "accept its terms on the Hub and log in (hf auth login)") from None
     except RevisionNotFoundError:
-        raise UserError(f"--revision {revision}: not found in {source}; give a branch, tag or commit of that repo") from None
+        raise UserError(f"--revision {revision}: not found in {source}; "
+                        "give a branch, tag or commit of that repo") from None
     except RepositoryNotFoundError:
-        raise UserError(f"MODEL {source}: no such model on the Hub (or it is private); check the id or log in") from None
+        raise UserError(f"MODEL {source}: no such model on the Hub (or it is private); "
+                        "check the id or log in") from None
     except LocalEntryNotFoundError:
-        raise UserError(f"MODEL {source}: not in the local cache and the Hub cannot be reached; check the id and your network "
-                        "(or unset HF_HUB_OFFLINE)") from None
+        raise UserError(f"MODEL {source}: not in the local cache and the Hub cannot be reached; "
+                        "check the id and your network (or unset HF_HUB_OFFLINE)") from None
     return local, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else revision
 
 
@@ -153,7 +162,8 @@ def _load_timm(local, cfg, source, revision, allow_pickle, trust_remote_code) ->
 
     model = Classifier(net.eval(), "timm", 1 / 255, data_cfg["mean"], data_cfg["std"])
     names = cfg.get("label_names") or (cfg.get("pretrained_cfg") or {}).get("label_names")
-    preprocessing = {k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in data_cfg}
+    preprocessing = {k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+                     if k in data_cfg}
     return LoadedModel(model, "timm", source, revision, local, tuple(data_cfg["input_size"][1:]), net.num_classes,
                        list(names) if names else None, to_pixels, preprocessing)
 
@@ -189,7 +199,8 @@ def _load_transformers(local, cfg, source, revision, allow_pickle, trust_remote_
                         "save the image processor with the model") from None
 
     def to_pixels(images: list[Image.Image]) -> np.ndarray:
-        out = processor([img.convert("RGB") for img in images], do_rescale=False, do_normalize=False, return_tensors="np")
+        out = processor([img.convert("RGB") for img in images], do_rescale=False, do_normalize=False,
+                        return_tensors="np")
         if "pixel_values" not in out:
             raise UserError(f"MODEL {source}: its image processor gives {list(out)}, not pixel_values; "
                             "only pixel-input image classifiers are supported")
@@ -203,8 +214,8 @@ def _load_transformers(local, cfg, source, revision, allow_pickle, trust_remote_
     model = Classifier(net.eval(), "transformers", scale, mean, std)
     id2label = net.config.id2label or {}
     names = [id2label[i] for i in range(net.config.num_labels)] if len(id2label) == net.config.num_labels else None
-    preprocessing = {"processor": type(processor).__name__, "input_size": [3, *size], "mean": list(mean), "std": list(std),
-                     "rescale_factor": scale}
+    preprocessing = {"processor": type(processor).__name__, "input_size": [3, *size], "mean": list(mean),
+                     "std": list(std), "rescale_factor": scale}
     return LoadedModel(model, "transformers", source, revision, local, size, net.config.num_labels, names, to_pixels,
                        preprocessing)
 
@@ -216,8 +227,8 @@ def save_model(loaded: LoadedModel, out_dir: Path) -> list[str]:
     Weights are always written as safetensors (also when the source was pickle)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in sorted(loaded.local_dir.iterdir()):
-        if f.is_file() and f.name != "README.md" and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES) \
-                and not f.name.endswith(".index.json"):
+        if f.is_file() and f.name != "README.md" and not f.name.startswith(".") \
+                and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
             shutil.copy2(f, out_dir / f.name)
     if loaded.library == "transformers":
         loaded.net.save_pretrained(out_dir, safe_serialization=True)

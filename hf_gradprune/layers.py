@@ -3,7 +3,7 @@ from the forward pass, never from a hand-copied architecture."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -67,7 +67,8 @@ def stage_outputs(loaded: LoadedModel, count: int) -> Callable[[torch.Tensor], t
     modules = dict(net.named_modules())
     names = [d["module"] for d in dicts or [] if d.get("module") in modules]
     if len(names) < count:
-        raise UserError(f"MODEL {loaded.source}: timm lists {len(names)} stage outputs (feature_info), NAD needs {count}")
+        raise UserError(f"MODEL {loaded.source}: timm lists {len(names)} stage outputs (feature_info), "
+                        f"NAD needs {count}")
     names = names[-count:]
 
     def forward(x):

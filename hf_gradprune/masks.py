@@ -1,4 +1,5 @@
-"""Parameter slices a defence has zeroed, kept at zero through fine-tuning and undone exactly when a step is rolled back."""
+"""Parameter slices a defence has zeroed, kept at zero through fine-tuning and undone exactly when a step is rolled
+back."""
 
 from __future__ import annotations
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -135,11 +136,12 @@ def start(device: str | None = None, mixed_precision: str | None = None) -> Proc
         raise UserError(f"--mixed-precision {mixed_precision}: {e}") from None
     asked = asked_processes()
     if acc.num_processes < asked:
-        raise UserError(f"accelerate started {acc.num_processes} process(es) where {asked} were asked for, so they would "
-                        "run unsynchronised; on CPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
-                        f"--num_processes {asked} ... (see README 'Multi-GPU')")
+        raise UserError(f"accelerate started {acc.num_processes} process(es) where {asked} were asked for, so they "
+                        "would run unsynchronised; on CPU launch with ACCELERATE_USE_CPU=true accelerate launch "
+                        f"--multi_gpu --num_processes {asked} ... (see docs/usage.md, 'Multi-GPU')")
     if device and acc.num_processes > 1 and not device.startswith("cpu"):
-        raise UserError(f"--device {device}: not with {acc.num_processes} processes; accelerate gives each its own device")
+        raise UserError(f"--device {device}: not with {acc.num_processes} processes; "
+                        "accelerate gives each its own device")
     dev = torch.device(device) if device and acc.num_processes == 1 else acc.device
     return Procs(acc.process_index, acc.num_processes, dev, acc)
 

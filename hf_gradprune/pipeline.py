@@ -11,9 +11,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,17 +23,26 @@ from .card import render_card
 from .data import FewShot, PixelSet, align_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
 from .hub import LOCAL_FILE, LoadedModel, load_model, save_model, source_card_license
-from .metrics import attack_metrics, pick_target, predict
 from .job import JobConfig, JobResult, Prepared
 from .memory import AUTO, BatchChoice, choose_batch_size, stream_test
 from .methods import METHODS, Defence, defend
+from .metrics import attack_metrics, pick_target, predict
 from .names import hub_id_of, local_name, model_name, public_name
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
 from .recipes import describe as describe_recipe
 from .streaming import stamp_images
-from .synth import (ScanResult, pull_back, resynthesise, scan, stamp_twins, standing, trigger_flips, usable_triggers,
-                    verdict)
+from .synth import (
+    ScanResult,
+    pull_back,
+    resynthesise,
+    scan,
+    stamp_twins,
+    standing,
+    trigger_flips,
+    usable_triggers,
+    verdict,
+)
 from .triggers import UNKNOWN, make_trigger
 
 REPORT_FILE = "gradprune_report.json"
@@ -68,8 +77,8 @@ def _resolve_target(spec: str, loaded: LoadedModel, class_names: list[str] | Non
         names = class_names or loaded.label_names or []
         matches = [i for i, n in enumerate(names) if str(n).lower() == spec.lower()]
         if not matches:
-            raise UserError(f"--target {spec}: no class of that name; give an index 0..{loaded.num_classes - 1} or one of "
-                            f"{names[:10]}{'...' if len(names) > 10 else ''}")
+            raise UserError(f"--target {spec}: no class of that name; give an index 0..{loaded.num_classes - 1} "
+                            f"or one of {names[:10]}{'...' if len(names) > 10 else ''}")
         idx = matches[0]
     if not 0 <= idx < loaded.num_classes:
         raise UserError(f"--target {spec}: out of range; the model has classes 0..{loaded.num_classes - 1}")
@@ -121,7 +130,8 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True,
     return data, meta
 
 
-def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: dict) -> tuple[PixelSet, PixelSet, PixelSet, str]:
+def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot,
+                      meta: dict) -> tuple[PixelSet, PixelSet, PixelSet, str]:
     """The triggered twins of the train / val / test images, with their TRUE labels."""
     if cfg.backdoor_data:
         splits = load_splits(cfg.backdoor_data)
@@ -135,13 +145,14 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot, meta: 
             split = splits[split_name]
             img_col, lab_col = find_columns(split.features, cfg.backdoor_data, None, None)
             if max(rows, default=-1) >= len(split):
-                raise UserError(f"--backdoor-data {cfg.backdoor_data}: split '{split_name}' has {len(split)} rows, fewer than "
-                                "--data; it must be row-aligned with --data")
+                raise UserError(f"--backdoor-data {cfg.backdoor_data}: split '{split_name}' has {len(split)} rows, "
+                                "fewer than --data; it must be row-aligned with --data")
             twin = decode(split, rows, img_col, lab_col, loaded.to_pixels, label_map=data.label_map,
                           streamed=clean.streamed, background=clean.streamed and clean.pixels.decoder.background)
             if not torch.equal(twin.labels, clean.labels):
-                raise UserError(f"--backdoor-data {cfg.backdoor_data}: labels differ from --data in split '{split_name}'; "
-                                "rows must be triggered copies of the same images with their true labels")
+                raise UserError(f"--backdoor-data {cfg.backdoor_data}: labels differ from --data in split "
+                                f"'{split_name}'; rows must be triggered copies of the same images with their true "
+                                "labels")
             out.append(twin)
         return out[0], out[1], out[2], f"defender's triggered copies from {public_name(cfg.backdoor_data)}"
     stamp = make_trigger(cfg.trigger, loaded.input_size)
@@ -286,7 +297,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the model before the defence"))
-    before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, job.batch_size, procs)
+    before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, job.batch_size,
+                              procs)
     timing["evaluate_before"] = time.perf_counter() - t
     shown = _preview_rows(tensors["test_y"], target)
     preview_px = {k: tensors[key][shown].to(procs.device) for k, key in (("clean", "test"), ("triggered", "trig_test"))}
@@ -301,7 +313,8 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the sanitised model"))
-    after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, job.batch_size, procs)
+    after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, job.batch_size,
+                             procs)
     timing["evaluate_after"] = time.perf_counter() - t
     preview_after = {k: predict(model, v, job.batch_size).tolist() for k, v in preview_px.items()}
 
@@ -379,7 +392,7 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
         for k, target in enumerate(targets):
             found = resynthesise(job.loaded.model, pixels, labels, target, sc, r, k)
             # how far the target still stands out after the last round (the scan's index): recorded, not acted on;
-            # ending the rounds on it was measured and rejected (README "When you do not know the trigger")
+            # ending the rounds on it was measured and rejected (docs/unknown-trigger.md)
             stands[target] = standing(job.scan, target, found)
             fresh += found
         record = {"round": r, "targets": targets, "target_anomaly": stands[job.target]}

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -207,7 +207,7 @@ class CheckStats:
     n_non_target: int
     clean_loss_sum: float = 0.0  # CE of the clean images against their labels, summed
 
-    def __add__(self, other: "CheckStats") -> "CheckStats":
+    def __add__(self, other: CheckStats) -> CheckStats:
         return CheckStats(self.correct + other.correct, self.loss_sum + other.loss_sum, self.hits + other.hits,
                           self.n + other.n, self.n_non_target + other.n_non_target,
                           self.clean_loss_sum + other.clean_loss_sum)
@@ -241,7 +241,8 @@ def check_stats(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, 
         y = labels[start:end]
         both = model(torch.cat([clean[start:end], triggered[start:end]]))
         c_logits, t_logits = both[: len(y)], both[len(y):]
-        hits = ((t_logits.argmax(1) == target) & (y != target)).sum() if target is not None else torch.zeros((), device=y.device)
+        hits = (((t_logits.argmax(1) == target) & (y != target)).sum() if target is not None
+                else torch.zeros((), device=y.device))
         return torch.stack([(c_logits.argmax(1) == y).sum().float(), F.cross_entropy(t_logits, y, reduction="sum"),
                             hits.float(), F.cross_entropy(c_logits, y, reduction="sum")])
     correct, loss, hits, clean_loss = procs.chunk_sums(len(labels), batch_size, 4, chunk)
@@ -322,7 +323,8 @@ def gradient_prune(model: nn.Module, pruner: UnitPruner, train_triggered: torch.
             if since_best >= cfg.patience:
                 result.stop_reason = "patience"
                 break
-    procs.agree((result.stop_reason, len(result.rounds), result.kept_rounds), "where pruning stopped and which round it kept")
+    procs.agree((result.stop_reason, len(result.rounds), result.kept_rounds),
+                "where pruning stopped and which round it kept")
     keep = len(result.pruned)
     while len(pruner.pruned) > keep:
         pruner.undo_last()

@@ -2,8 +2,8 @@
 
 `PruneConfig()` and `TuneConfig()` hold the paper's values; a recipe is the named set of changes on top of them, so
 `--recipe paper` reproduces the paper's runs bit for bit and every flag still overrides either recipe.
-Why `robust` is what it is (each choice measured on the cpu tier, the rejected ones too): README "Results" and
-`benchmarks/results/cpu-recipes.md`.
+Why `robust` is what it is (each choice measured on the cpu tier, the rejected ones too): docs/results.md and
+docs/method.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ DEFAULT_RECIPE = "robust"
 # the robust recipe against a SYNTHESISED trigger (--trigger unknown, --blind) fine-tunes for about this many optimiser
 # steps per round (cosine over them), not 100 epochs: an epoch of GTSRB's 43 classes is 7 steps at SPC 10 against
 # CIFAR-10's 2, and 700 steps at lr 0.001 on 387 images cost GTSRB 5-7 points of accuracy for no less ASR. Measured on
-# the known-trigger SPC 10 seed 0 cells (60 / 80 / 120 steps alike; README "When you do not know the trigger")
+# the known-trigger SPC 10 seed 0 cells (60 / 80 / 120 steps alike; docs/unknown-trigger.md)
 SYNTHESISED_TUNE_STEPS = 80
 
 # name -> (one line for the card and the report, pruning changes, fine-tuning changes)
@@ -27,7 +27,8 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
                "costing clean accuracy and removing no more of the backdoor); below that (SPC 2-5) up to 500 rounds "
                "of pruning with the accuracy bound on all clean few-shot images and a filter that breaks it restored "
                "and skipped, because fine-tuning alone does not unlearn from 1 image per class; fine-tuning on the "
-               "clean and triggered images at lr 0.001 on a cosine schedule teaches each clean image and its triggered twin their true label and the original model's "
+               "clean and triggered images at lr 0.001 on a cosine schedule teaches each clean image and its "
+               "triggered twin their true label and the original model's "
                "output on the clean image, and keeps the epoch with the lowest clean + unlearning validation loss "
                "(no accuracy bound on 1 validation image per class: one image would veto the epoch; the clean loss "
                "and the distillation hold accuracy), waiting 30 epochs for a better one; against a synthesised trigger "

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ class _Decoder:
 
     def __init__(self, split, rows: list[int], image_column: str, to_pixels: Callable, background: bool = True,
                  workers: int | None = None):
-        self.split, self.rows, self.image_column, self.to_pixels = split, np.asarray(rows, dtype=np.int64), image_column, to_pixels
+        self.split, self.rows, self.image_column, self.to_pixels = (split, np.asarray(rows, dtype=np.int64),
+                                                                    image_column, to_pixels)
         self.background = background  # decode the next chunk ahead, the parts of a chunk in parallel threads
         self.workers = max(1, workers or min(4, os.cpu_count() or 1)) if background else 1
         # threads start only when first used: one decodes the next chunk while this one is measured, the pool
@@ -92,10 +93,10 @@ class StreamedImages:
 
     @classmethod
     def from_rows(cls, split, rows: list[int], image_column: str, to_pixels: Callable, background: bool = True,
-                  workers: int | None = None) -> "StreamedImages":
+                  workers: int | None = None) -> StreamedImages:
         return cls(_Decoder(split, rows, image_column, to_pixels, background, workers))
 
-    def stamped(self, stamp: Stamp) -> "StreamedImages":
+    def stamped(self, stamp: Stamp) -> StreamedImages:
         inner = self.stamp
         return StreamedImages(self.decoder, stamp if inner is None else (lambda x: stamp(inner(x))))
 
@@ -121,6 +122,6 @@ class StreamedImages:
         return self._out(self.decoder.decode(self.decoder.rows[idx]) if idx else torch.zeros(0, dtype=torch.uint8))
 
 
-def stamp_images(stamp: Stamp, pixels: "torch.Tensor | StreamedImages") -> "torch.Tensor | StreamedImages":
+def stamp_images(stamp: Stamp, pixels: torch.Tensor | StreamedImages) -> torch.Tensor | StreamedImages:
     """The triggered twin of a held tensor (stamped now) or of a streamed set (stamped chunk by chunk)."""
     return pixels.stamped(stamp) if isinstance(pixels, StreamedImages) else stamp(pixels)

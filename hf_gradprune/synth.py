@@ -25,8 +25,8 @@ benchmark's GTSRB dev models: docs/decisions.md).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -68,7 +68,8 @@ class ScanConfig:
     batch_size: int = 64  # few-shot images per optimisation step
     chunk_size: int | None = None  # the most images one forward + backward takes (the job's memory batch)
     seed: int = 0
-    rounds: int = 3  # synthesise -> unlearn rounds; later ones re-synthesise the target's triggers on the defended model
+    rounds: int = 3  # synthesise -> unlearn rounds; later ones re-synthesise the target's triggers on the
+    # defended model
     rounds_from: str = "original"  # what each later round defends: the "original" model (with every trigger found
     # so far) or the "defended" one (unlearning on unlearning, which costs accuracy each round)
     keep_flip: float | None = 0.1  # after the last round the weights are pulled back toward the original model, keeping
@@ -245,7 +246,7 @@ def _advance(model: nn.Module, search: _Search, pixels: torch.Tensor, labels: to
         search.opt.zero_grad(set_to_none=True)
         lam = search.lam
         pred, size = _step(model, x[rows], goal[: len(rows)], search.mask_logit, search.pattern_logit,
-                           lambda v: lam * v * 10, cfg.chunk_size)
+                           lambda v, lam=lam: lam * v * 10, cfg.chunk_size)
         flip = float((pred == target).float().mean())
         if flip >= cfg.flip and (search.best is None or size < search.best[0]):
             search.best = (size, flip, search.mask_logit.detach().clone(), search.pattern_logit.detach().clone())
@@ -335,8 +336,11 @@ def scan_classes(num_classes: int, cfg: ScanConfig, ranked: list[int] | None, fo
     return chosen
 
 
+DEFAULT_SCAN = ScanConfig()  # scan's default config; scan never changes its cfg (variants are made with replace)
+
+
 def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_classes: int,
-         cfg: ScanConfig = ScanConfig(), target: int | None = None,
+         cfg: ScanConfig = DEFAULT_SCAN, target: int | None = None,
          emit: ProgressCallback = lambda event: None) -> ScanResult:
     """Detect a backdoor and synthesise its trigger from the few-shot images (uint8 (N, 3, H, W), true labels).
 

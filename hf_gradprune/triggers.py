@@ -7,9 +7,9 @@ truncate, as BackdoorBench's ``astype(np.uint8)`` does, so our triggered pixels 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -67,22 +67,24 @@ def _read_image(path: str, size: tuple[int, int], flag: str, mode: str, resample
             img = img.convert(mode).resize((size[1], size[0]), resample)
             return np.asarray(img)
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {path}: cannot read it as an image ({e.__class__.__name__}); give a PNG or JPEG file") from None
+        raise UserError(f"{flag} {path}: cannot read it as an image ({e.__class__.__name__}); "
+                        "give a PNG or JPEG file") from None
 
 
 def _read_perturbation(path: str, size: tuple[int, int]) -> torch.Tensor:
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise UserError(f"--trigger-image {path}: cannot read it as a .npy array ({e.__class__.__name__}); save it with numpy.save") from None
+        raise UserError(f"--trigger-image {path}: cannot read it as a .npy array ({e.__class__.__name__}); "
+                        "save it with numpy.save") from None
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3 and arr.shape[-1] in (1, 3) and arr.shape[0] not in (1, 3):
         arr = arr.transpose(2, 0, 1)
     if arr.ndim != 3 or arr.shape[0] not in (1, 3):
-        raise UserError(f"--trigger-image {path}: shape {tuple(np.load(path, allow_pickle=False).shape)} is not an image "
-                        "perturbation; give (H, W), (H, W, 3) or (3, H, W) in pixel units")
+        raise UserError(f"--trigger-image {path}: shape {tuple(np.load(path, allow_pickle=False).shape)} is not an "
+                        "image perturbation; give (H, W), (H, W, 3) or (3, H, W) in pixel units")
     if not np.isfinite(arr).all():
         raise UserError(f"--trigger-image {path}: the perturbation has NaN or infinite values")
     pert = torch.from_numpy(arr).expand(3, -1, -1)
@@ -117,16 +119,20 @@ def make_trigger(spec: TriggerSpec, size: tuple[int, int]) -> Trigger:
     if kind == "patch":
         if not spec.mask or not Path(spec.mask).is_file():
             raise UserError(f"--trigger patch needs --trigger-mask FILE (255 = trigger pixel); got {spec.mask!r}")
-        pattern = torch.from_numpy(_read_image(spec.image, size, "--trigger-image", "RGB", Image.BILINEAR).copy()).permute(2, 0, 1).float()
-        mask = torch.from_numpy(_read_image(spec.mask, size, "--trigger-mask", "L", Image.NEAREST).copy()).float()[None] / 255.0
+        pattern = torch.from_numpy(
+            _read_image(spec.image, size, "--trigger-image", "RGB", Image.BILINEAR).copy()).permute(2, 0, 1).float()
+        mask = torch.from_numpy(
+            _read_image(spec.mask, size, "--trigger-mask", "L", Image.NEAREST).copy()).float()[None] / 255.0
         if mask.max() == 0:
-            raise UserError(f"--trigger-mask {spec.mask}: the mask is all zero, so the patch changes nothing; mark trigger pixels with 255")
+            raise UserError(f"--trigger-mask {spec.mask}: the mask is all zero, so the patch changes nothing; "
+                            "mark trigger pixels with 255")
         return lambda x: _truncate(mask * pattern + (1 - mask) * x.float())
 
     if kind == "blended":
         if not 0 < spec.alpha <= 1:
             raise UserError(f"--alpha {spec.alpha}: the blend ratio must be in (0, 1]")
-        pattern = torch.from_numpy(_read_image(spec.image, size, "--trigger-image", "RGB", Image.BILINEAR).copy()).permute(2, 0, 1).float()
+        pattern = torch.from_numpy(
+            _read_image(spec.image, size, "--trigger-image", "RGB", Image.BILINEAR).copy()).permute(2, 0, 1).float()
         a = spec.alpha
         return lambda x: _truncate((1 - a) * x.float() + a * pattern)
 

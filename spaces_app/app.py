@@ -29,11 +29,10 @@ from hf_gradprune import __version__  # noqa: E402
 from hf_gradprune.errors import UserError  # noqa: E402
 from hf_gradprune.finetune import TuneConfig  # noqa: E402
 from hf_gradprune.methods import METHODS  # noqa: E402
-from hf_gradprune.pipeline import PLOT_FILE  # noqa: E402
+from hf_gradprune.pipeline import PLOT_FILE, TRIGGER_FILE  # noqa: E402
 from hf_gradprune.progress import ProgressEvent  # noqa: E402
 from hf_gradprune.prune import PruneConfig  # noqa: E402
 from hf_gradprune.recipes import DEFAULT_RECIPE  # noqa: E402
-from hf_gradprune.pipeline import TRIGGER_FILE  # noqa: E402
 from hf_gradprune.triggers import TRIGGER_KINDS, UNKNOWN  # noqa: E402
 from job import SpaceSettings, demo_inputs, push_outcome, remove_job, resolve_input, run_job  # noqa: E402
 
@@ -109,9 +108,11 @@ class EventLog:
         t = f"[{time.perf_counter() - self.t0:6.1f} s]"
         v = e.values
         if e.stage == "prune" and e.step:
-            shown = " · ".join(f"{k.replace('_', ' ')} " + (f"{100 * x:.1f} %" if k.endswith(("acc", "asr")) else f"{x:.3f}")
+            shown = " · ".join(f"{k.replace('_', ' ')} "
+                               + (f"{100 * x:.1f} %" if k.endswith(("acc", "asr")) else f"{x:.3f}")
                                for k, x in v.items() if isinstance(x, float))
-            return f"{t} prune round {e.step}" + (f": {e.message}" if e.message else "") + (f" · {shown}" if shown else "")
+            return (f"{t} prune round {e.step}" + (f": {e.message}" if e.message else "")
+                    + (f" · {shown}" if shown else ""))
         if e.stage == "finetune" and e.step:
             return f"{t} fine-tune epoch {e.step}" + (f" · val loss {v['val_loss']:.4f}" if "val_loss" in v else "")
         if e.stage == "done":
@@ -190,10 +191,11 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 gr.Markdown("### 1. Model")
-                model_id = gr.Textbox(label="Model: Hub id (org/name)" + (" or local folder" if settings.local_paths else ""),
+                model_id = gr.Textbox(label="Model: Hub id (org/name)"
+                                      + (" or local folder" if settings.local_paths else ""),
                                       placeholder="org/resnet18-backdoored", elem_id="model_id")
-                model_files = gr.File(label="... or upload a Hub-layout folder: one .zip or its files", file_count="multiple",
-                                      type="filepath", elem_id="model_files")
+                model_files = gr.File(label="... or upload a Hub-layout folder: one .zip or its files",
+                                      file_count="multiple", type="filepath", elem_id="model_files")
                 load_btn = gr.Button("Load model (fills the target classes; also on Enter or upload)", size="sm",
                                      elem_id="load_model")
                 model_info = gr.Markdown(elem_id="model_info")
@@ -213,7 +215,8 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                 with gr.Row():
                     trigger_image = gr.File(label="Trigger image (patch / blended) or .npy (additive)", type="filepath",
                                             visible=False, elem_id="trigger_image")
-                    trigger_mask = gr.File(label="Mask image (patch)", type="filepath", visible=False, elem_id="trigger_mask")
+                    trigger_mask = gr.File(label="Mask image (patch)", type="filepath", visible=False,
+                                           elem_id="trigger_mask")
                 blend_alpha = gr.Slider(0.01, 1.0, 0.2, step=0.01, label="Blend alpha", visible=False)
                 bpp_levels = gr.Slider(2, 128, 8, step=1, label="BPP colour levels", visible=False)
                 target = gr.Dropdown([("auto (found from the data)", "auto")], value="auto", label="Target class",
@@ -221,11 +224,13 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
                 with gr.Accordion("Advanced", open=False):
                     method = gr.Dropdown([(f"{v[0]} ({k})", k) for k, v in METHODS.items()], value="gradprune",
                                          label="Defence", elem_id="method")
-                    recipe = gr.Dropdown([("robust (default)", "robust"), ("paper (the paper's exact procedure)", "paper")],
+                    recipe = gr.Dropdown([("robust (default)", "robust"),
+                                          ("paper (the paper's exact procedure)", "paper")],
                                          value=DEFAULT_RECIPE, label="Grad-Prune recipe", elem_id="recipe")
                     alpha = gr.Number(PruneConfig.alpha, label="alpha: largest val accuracy drop", elem_id="alpha")
                     prune_patience = gr.Number(PruneConfig.patience, label="Pp: pruning patience (rounds)", precision=0)
-                    max_rounds = gr.Number(None, label="Max pruning rounds (empty or 0: the recipe's; robust 0, paper 500)",
+                    max_rounds = gr.Number(None,
+                                           label="Max pruning rounds (empty or 0: the recipe's; robust 0, paper 500)",
                                            precision=0,
                                            elem_id="max_rounds")
                     tune_patience = gr.Number(TuneConfig.patience, label="Pt: fine-tuning patience (epochs)",
@@ -239,13 +244,15 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
             with gr.Column(scale=1):
                 status = gr.Markdown(elem_id="status")
                 log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="log")
-                live = gr.Plot(label="Pruning rounds or fine-tuning epochs (live, validation set)", format="png", elem_id="live")
+                live = gr.Plot(label="Pruning rounds or fine-tuning epochs (live, validation set)", format="png",
+                               elem_id="live")
                 metrics = gr.Dataframe(headers=["metric", "before", "after"], label="Before / after (test split)",
                                        interactive=False, elem_id="metrics")
                 curve = gr.Image(label="Pruning curve", type="filepath", interactive=False, elem_id="curve")
                 synthesised = gr.Image(label="Synthesised trigger | a test image | stamped (trigger unknown)",
                                        type="filepath", interactive=False, elem_id="synthesised")
-                preview = gr.Gallery(label="Test images: prediction before -> after the defence (click for the full caption)",
+                preview = gr.Gallery(label="Test images: prediction before -> after the defence "
+                                           "(click for the full caption)",
                                      columns=4, height=300, object_fit="contain",
                                      elem_id="preview")
                 download = gr.File(label="Output folder (.zip)", interactive=False, elem_id="download")
@@ -292,7 +299,7 @@ def build_app(settings: SpaceSettings | None = None) -> gr.Blocks:
         outputs = [status, log, live, metrics, curve, preview, download, card, card_meta, repo_name, push_btn,
                    push_result, job_state, synthesised]
 
-        def defend(previous, *values, progress=gr.Progress()):
+        def defend(previous, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom: it injects the tracker)
             remove_job(previous)  # one job folder per session: the last one
             form = dict(zip(FORM, values))
             events = EventLog()
@@ -383,6 +390,7 @@ def describe_model(settings: SpaceSettings, model_id: str | None, model_files: l
     """Load the model the way the job will (same checks) and list its classes for the target menu."""
     import shutil
     import tempfile
+
     from hf_gradprune.hub import load_model
     settings.workdir.mkdir(parents=True, exist_ok=True)
     peek = Path(tempfile.mkdtemp(prefix="peek-", dir=settings.workdir))

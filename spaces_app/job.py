@@ -13,9 +13,9 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class SpaceSettings:
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "hf-gradprune-space")
 
     @classmethod
-    def from_env(cls, **overrides) -> "SpaceSettings":
+    def from_env(cls, **overrides) -> SpaceSettings:
         in_space = bool(os.environ.get("SPACE_ID"))
         env = {"max_spc": int(os.environ.get("GRADPRUNE_MAX_SPC", 100)),
                "max_upload_mb": int(os.environ.get("GRADPRUNE_MAX_UPLOAD_MB", 500)),
@@ -145,7 +145,8 @@ def resolve_input(text: str | None, files: list | None, job_dir: Path, what: str
         return str(folder), public_name(str(folder))
     text = (text or "").strip()
     if not text:
-        raise UserError(f"{flag}: give a Hub {what.lower()} id (org/name) or upload a Hub-layout folder (.zip or its files)")
+        raise UserError(f"{flag}: give a Hub {what.lower()} id (org/name) "
+                        "or upload a Hub-layout folder (.zip or its files)")
     if not settings.local_paths and (not HUB_ID.match(text) or Path(text).exists()):
         raise UserError(f"{flag} {text}: give a Hub id (org/name); this Space does not read paths on its machine "
                         "(upload the folder instead)")
@@ -261,7 +262,8 @@ def push_outcome(output_dir: str | Path, repo: str, private: bool, token: str | 
     try:
         repo_id = repo if "/" in repo else default_repo_id(repo, token)
     except Exception as e:
-        raise UserError(f"cannot find your Hub user name ({type(e).__name__}); sign in again, or give org/name") from None
+        raise UserError(f"cannot find your Hub user name ({type(e).__name__}); "
+                        "sign in again, or give org/name") from None
     try:
         return push_folder(Path(output_dir), repo_id, token=token, private=private)
     except PushFailed as failed:

@@ -12,10 +12,10 @@ import transformers
 from safetensors.torch import load_file
 
 from conftest import PRUNING, read_report, run_cli
-from test_errors import assert_one_line_error
 from hf_gradprune.demo import build_backdoored_digits
 from hf_gradprune.hub import Classifier, load_model
 from hf_gradprune.units import KINDS, UnitPruner, find_units
+from test_errors import assert_one_line_error
 
 HALF = [0.5] * 3
 
@@ -41,7 +41,8 @@ ARCHS = {  # name: (builder, the unit kinds it must have)
     "timm-convnext": (timm_net("convnext_atto", dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)), {"neuron"}),
     "timm-mobilenetv3": (timm_net("mobilenetv3_small_050"), {"filter", "neuron"}),  # neurons: squeeze-excite
     "timm-regnety": (timm_net("regnety_002"), {"filter", "neuron"}),
-    "timm-resnetv2": (timm_net("resnetv2_50", layers=(1, 1, 1, 1)), {"filter"}),  # pre-activation: conv3 writes the stream
+    # pre-activation: conv3 writes the stream
+    "timm-resnetv2": (timm_net("resnetv2_50", layers=(1, 1, 1, 1)), {"filter"}),
     "hf-vit": (hf_net("ViT", image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
                       intermediate_size=96), {"head", "neuron"}),
     "hf-swin": (hf_net("Swin", image_size=32, patch_size=2, embed_dim=24, depths=[1, 1], num_heads=[2, 4],
@@ -140,7 +141,8 @@ E2E = {  # a tiny digits model of each family with a real BadNets backdoor, defe
     "timm-vit": dict(arch="vit_tiny_patch16_224", model_args=TINY_VIT, epochs=20),
     "timm-deit-distilled": dict(arch="deit_tiny_distilled_patch16_224", model_args=TINY_VIT, epochs=20),
     "timm-swin": dict(arch="swin_tiny_patch4_window7_224", model_args=SMALL_SWIN, epochs=15),
-    "timm-convnext": dict(arch="convnext_atto", model_args=dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)), epochs=10),
+    "timm-convnext": dict(arch="convnext_atto", model_args=dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)),
+                          epochs=10),
     "timm-mobilenetv3": dict(arch="mobilenetv3_small_050", model_args={}, epochs=15),
     "timm-resnetv2": dict(arch="resnetv2_18", model_args=dict(channels=(16, 32, 64, 128), stem_chs=16), epochs=10),
     # hidden 48 / 3 heads reached only 73 % ACC, and on one thread its fine-tuning then lost 13 points: too weak a

@@ -52,7 +52,8 @@ def test_model_without_an_image_processor(run_bad, tmp_path):
 def test_dataset_without_image_or_label_columns(run_bad, tmp_path):
     from datasets import Dataset
     (tmp_path / "d" / "data").mkdir(parents=True)
-    Dataset.from_dict({"pixels": [[0, 1]] * 4, "y": [0, 1, 0, 1]}).to_parquet(str(tmp_path / "d/data/train-00000-of-00001.parquet"))
+    Dataset.from_dict({"pixels": [[0, 1]] * 4, "y": [0, 1, 0, 1]}).to_parquet(
+        str(tmp_path / "d/data/train-00000-of-00001.parquet"))
     run_bad(data=tmp_path / "d", expect=("no Image column", "--image-column"))
 
 

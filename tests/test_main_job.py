@@ -58,7 +58,8 @@ def test_timm_output_reloads_with_same_config_and_measured_numbers(timm_result, 
     labels = torch.tensor(test["label"])
     trig = make_trigger(TriggerSpec("badnet"), loaded.input_size)(clean)
     m = attack_metrics(loaded.model, clean, trig, labels, target=0)
-    assert (m.acc, m.asr, m.ra) == pytest.approx((report["after"]["acc"], report["after"]["asr"], report["after"]["ra"]))
+    assert (m.acc, m.asr, m.ra) == pytest.approx((report["after"]["acc"], report["after"]["asr"],
+                                                  report["after"]["ra"]))
 
 
 def _timm_resnet_norm_of(conv: str) -> str:

@@ -140,7 +140,8 @@ def test_streamed_images_are_the_decoded_images_chunk_by_chunk(timm_backdoor):
     assert streamed.streamed and not held.streamed and len(streamed.pixels) == len(held.pixels) == 100
     assert torch.equal(streamed.labels, held.labels)
     assert torch.equal(torch.cat([streamed.pixels[s:s + 16] for s in range(0, 100, 16)]), held.pixels)
-    assert torch.equal(streamed.pixels[7], held.pixels[7]) and torch.equal(streamed.pixels[[9, 2, 50]], held.pixels[[9, 2, 50]])
+    assert (torch.equal(streamed.pixels[7], held.pixels[7])
+            and torch.equal(streamed.pixels[[9, 2, 50]], held.pixels[[9, 2, 50]]))
     for stride in (2, 3):  # process 1 of 2 (or 3) takes chunks 1, 1 + N, ...: prefetched ahead by that stride
         for s in range(16, 100, 16 * stride):
             assert torch.equal(streamed.pixels[s:s + 16], held.pixels[s:s + 16])
@@ -160,8 +161,8 @@ def test_streamed_images_are_the_decoded_images_chunk_by_chunk(timm_backdoor):
 def test_a_test_set_too_large_to_hold_is_streamed_with_the_same_result(timm_backdoor, timm_result, tmp_path,
                                                                        monkeypatch):
     """The job with its test set streamed measures, prunes and reports exactly what it does with the set held."""
-    from hf_gradprune import memory
     from conftest import PRUNING
+    from hf_gradprune import memory
     _, held = timm_result
     assert held["data"]["test_streamed"] is False
     monkeypatch.setattr(memory, "HELD_TEST_BYTES", 0)

@@ -128,7 +128,8 @@ def test_clp_is_data_free_and_changes_only_the_channels_it_reports(baseline_runs
     allowed = set()
     for p in report["pruned"]:
         allowed |= {(f"{p['layer']}.weight", p["index"])}
-        allowed |= {(f"{norm_names[id(n)]}.{w}", p["index"]) for n in pruner.norms[p["layer"]] for w in ("weight", "bias")}
+        allowed |= {(f"{norm_names[id(n)]}.{w}", p["index"]) for n in pruner.norms[p["layer"]]
+                    for w in ("weight", "bias")}
     original = load_file(Path(timm_backdoor["model"]) / "model.safetensors")
     for k, v in saved.items():
         diff = (v != original[k])
@@ -155,7 +156,8 @@ def test_baseline_same_seed_same_weights(baseline_runs, timm_backdoor, tmp_path)
     assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet",
                    "--method", "ftsam", *RUNS["ftsam"]) == 0
     first_out, first = baseline_runs["ftsam"]
-    assert (read_report(out)["after"], read_report(out)["finetune_epochs"]) == (first["after"], first["finetune_epochs"])
+    assert (read_report(out)["after"], read_report(out)["finetune_epochs"]) == \
+        (first["after"], first["finetune_epochs"])
     a, b = load_file(out / "model.safetensors"), load_file(first_out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

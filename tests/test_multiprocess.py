@@ -68,7 +68,8 @@ def test_two_processes_prune_the_same_filters_and_measure_the_same(one_and_two):
     assert [(p["layer"], p["index"]) for p in two["pruned"]] == [(p["layer"], p["index"]) for p in one["pruned"]]
     assert len(one["pruned"]) > 0
     for a, b in zip(one["prune"]["rounds"], two["prune"]["rounds"], strict=True):  # every round tried, also undone
-        assert (a["layer"], a["index"], a["val_acc"], a["val_asr"]) == (b["layer"], b["index"], b["val_acc"], b["val_asr"])
+        assert (a["layer"], a["index"], a["val_acc"], a["val_asr"]) == \
+            (b["layer"], b["index"], b["val_acc"], b["val_asr"])
         assert a["val_unlearning_loss"] == b["val_unlearning_loss"]  # per-chunk sums in chunk order: bit for bit
         assert (a["fewshot_acc"], a["fewshot_unlearning_loss"], a["undone"]) == \
             (b["fewshot_acc"], b["fewshot_unlearning_loss"], b["undone"])  # the robust recipe's checks, also exact
@@ -77,7 +78,8 @@ def test_two_processes_prune_the_same_filters_and_measure_the_same(one_and_two):
     assert one["method"]["recipe"] == "robust" and one["prune"]["check_on"] == "fewshot"
     assert one["config"]["tune"]["distill"] > 0
     assert two["before"] == one["before"] and two["after"] == one["after"]
-    assert (two["finetune"]["epochs"], two["finetune"]["best_epoch"]) == (one["finetune"]["epochs"], one["finetune"]["best_epoch"])
+    assert (two["finetune"]["epochs"], two["finetune"]["best_epoch"]) == \
+        (one["finetune"]["epochs"], one["finetune"]["best_epoch"])
     assert two["finetune"]["val_accs"] == one["finetune"]["val_accs"]
 
 
@@ -124,7 +126,8 @@ def test_cpu_flag_that_starts_one_process_fails_loudly(timm_backdoor, tmp_path):
 
 
 def test_user_error_under_launch_ends_every_process(tmp_path):
-    """Launched as `accelerate launch $(which hf-gradprune) ...`: the failing process names itself in its one-line error."""
+    """Launched as `accelerate launch $(which hf-gradprune) ...`: the failing process names itself in its one-line
+    error."""
     script = os.path.join(os.path.dirname(sys.executable), "hf-gradprune")
     proc = launch([tmp_path / "no-such-model", "--data", tmp_path / "no-data", "--quiet"], tmp_path, timeout=300,
                   program=(script,))

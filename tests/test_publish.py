@@ -13,11 +13,11 @@ import re
 import shutil
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -38,6 +38,7 @@ REPORT = "gradprune_report.json"
 def _stamp(folder: Path, dest: Path) -> Path:
     """A triggered copy of a Hub-layout dataset folder: same splits, rows and true labels, the 3x3 white square."""
     from datasets import load_dataset
+
     from hf_gradprune.demo import write_hub_dataset
     ds = load_dataset(str(folder))
     splits = {}

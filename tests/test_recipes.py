@@ -13,7 +13,7 @@ from conftest import read_report, run_cli
 from hf_gradprune.cli import job_config
 from hf_gradprune.finetune import TuneConfig
 from hf_gradprune.pipeline import JobConfig, prepare
-from hf_gradprune.prune import CheckStats, FilterPruner, PruneConfig, check_stats, filter_scores
+from hf_gradprune.prune import CheckStats, FilterPruner, PruneConfig, filter_scores
 from hf_gradprune.recipes import RECIPES, recipe_configs
 from test_main_job import assert_backdoor_removed
 
@@ -153,7 +153,8 @@ def test_a_synthesised_trigger_fine_tunes_for_a_step_budget_not_100_epochs():
                                                                        max_steps=SYNTHESISED_TUNE_STEPS)
     assert recipe_configs("robust", 9)[1].max_steps is None
     assert recipe_configs("paper", 9, synthesised=True) == recipe_configs("paper", 9)
-    for argv, steps in (([], None), (["--trigger", "unknown"], SYNTHESISED_TUNE_STEPS), (["--blind"], SYNTHESISED_TUNE_STEPS),
+    for argv, steps in (([], None), (["--trigger", "unknown"], SYNTHESISED_TUNE_STEPS),
+                        (["--blind"], SYNTHESISED_TUNE_STEPS),
                         (["--trigger", "unknown", "--max-steps", "0"], None), (["--max-steps", "30"], 30)):
         assert job_config(["m", "--data", "d", *argv])[0].tune.max_steps == steps, argv
     assert JobConfig(model="m", data="d", blind=True).tune.max_steps == SYNTHESISED_TUNE_STEPS
@@ -165,6 +166,7 @@ def test_a_synthesised_trigger_fine_tunes_for_a_step_budget_not_100_epochs():
 
 def test_fine_tuning_takes_the_epochs_its_step_budget_gives():
     import torch.nn as nn
+
     from hf_gradprune.finetune import finetune, run_epochs
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
@@ -186,6 +188,7 @@ def test_distilling_one_hot_targets_is_cross_entropy():
     """The distillation term is KL(target || model): with one-hot targets and no hard-label term it is the plain
     cross-entropy, so the two fine-tunings take the same steps."""
     import torch.nn as nn
+
     from hf_gradprune.finetune import finetune
 
     def run(**kw):

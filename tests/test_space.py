@@ -11,11 +11,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from conftest import read_report, run_cli
 from fake_hub import FakeHub
@@ -23,9 +23,8 @@ from fake_hub import FakeHub
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "spaces_app"))
 
-from job import SpaceSettings, build_argv, push_outcome, unpack_upload  # noqa: E402
-
 from hf_gradprune.errors import UserError  # noqa: E402
+from job import SpaceSettings, build_argv, push_outcome, unpack_upload  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 MACHINE_TOKEN = "hf_SECRET_machine_token"  # this machine's login: Gradio's mocked "Sign in" needs one locally
@@ -95,10 +94,12 @@ def test_job_folders_are_cleaned(timm_backdoor, tmp_path):
 
 
 def test_transformers_upload_comes_back_as_transformers(hf_backdoor, tmp_path):
-    """A zipped transformers folder: the target menu lists its id2label, the zip offered back reloads in transformers."""
+    """A zipped transformers folder: the target menu lists its id2label, the zip offered back reloads in
+    transformers."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
     from app import describe_model
     from job import run_job
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
     settings = SpaceSettings(workdir=tmp_path / "work")
     zipped = zip_folder(Path(hf_backdoor["model"]), tmp_path / "hf-resnet")
     text, choices = describe_model(settings, None, [zipped])
@@ -158,8 +159,8 @@ def test_space_bundle_runs_the_vendored_package_and_deploys(tmp_path):
 # ---------------------------------------------------------------------------------------------- in the browser
 
 playwright = pytest.importorskip("playwright.sync_api")
-needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                    reason="Debian's Chromium is not installed (apt-get install chromium; .ci/run does)")
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian's Chromium is not installed (apt-get install chromium; .ci/run does)")
 
 
 def free_port() -> int:
@@ -264,7 +265,8 @@ def test_browser_job_gives_the_cli_numbers(finished, timm_backdoor, tmp_path):
     assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--target", "0", *JOB_FLAGS,
                    "--output", out, "--quiet") == 0
     report = read_report(out)
-    cli = {k.upper(): (f"{100 * report['before'][k]:.2f} %", f"{100 * report['after'][k]:.2f} %") for k in ("acc", "asr", "ra")}
+    cli = {k.upper(): (f"{100 * report['before'][k]:.2f} %", f"{100 * report['after'][k]:.2f} %")
+           for k in ("acc", "asr", "ra")}
     assert shown == cli
     assert report["after"]["asr"] < 0.5 * report["before"]["asr"]  # the backdoor really went
     assert "hf-gradprune ./uploaded-model --data ./data --target 0 --max-epochs 10" in status

@@ -88,7 +88,8 @@ def test_class_names_are_aligned_to_the_model_or_refused():
     assert align_classes(["cat", "dog"], np.array([0, 1]), ["Cat", "dog"], 2, "d", "m") is None
     assert align_classes(["cat", "dog"], np.array([0, 1]), ["LABEL_0", "LABEL_1"], 2, "d", "m") is None
     # an image folder sorts its class names: each dataset label goes to the model's index of the same name
-    assert align_classes(["eight", "five", "one"], np.array([0, 1, 2]), ["one", "Five", "eight"], 3, "d", "m") == [2, 1, 0]
+    assert align_classes(["eight", "five", "one"], np.array([0, 1, 2]), ["one", "Five", "eight"], 3, "d", "m") \
+        == [2, 1, 0]
     with pytest.raises(UserError, match=r"not MODEL m's labels \(only in the data: 'dog'; only in the model: 'bird'\)"):
         align_classes(["cat", "dog"], np.array([0, 1]), ["cat", "bird"], 2, "d", "m")
     with pytest.raises(UserError, match="3 classes, but MODEL m has 2 outputs"):

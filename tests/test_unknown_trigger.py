@@ -3,7 +3,7 @@ and a real Blended backdoor, and on a clean model trained the same way without p
 
 All three train with random-crop augmentation, as real checkpoints are: digits models trained without it are
 brittle enough that a 2 % patch sends 90 % of digits to one class with no poison at all (2 of 2 such clean models
-were flagged; README, "When you do not know the trigger")."""
+were flagged; docs/unknown-trigger.md)."""
 
 import json
 from pathlib import Path

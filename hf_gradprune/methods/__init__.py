@@ -8,9 +8,9 @@ method selects something (never the test set), the triggered twins only for Grad
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..finetune import TuneResult
 from ..job import JobConfig, Prepared
@@ -24,7 +24,8 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "ft": ("FT", "fine-tuning on the clean few-shot images", "BackdoorBench (Wu et al., 2022) baseline"),
     "fp": ("FP", "pruning the least-activated channels feeding the classifier, then fine-tuning",
            "Liu et al., Fine-Pruning, RAID 2018"),
-    "nad": ("NAD", "attention distillation from a fine-tuned teacher", "Li et al., Neural Attention Distillation, ICLR 2021"),
+    "nad": ("NAD", "attention distillation from a fine-tuned teacher",
+            "Li et al., Neural Attention Distillation, ICLR 2021"),
     "clp": ("CLP", "data-free pruning of channels with a large Lipschitz upper bound",
             "Zheng et al., Data-free Backdoor Removal based on Channel Lipschitzness, ECCV 2022"),
     "ftsam": ("FT-SAM", "fine-tuning with adaptive sharpness-aware minimisation",

@@ -117,15 +117,16 @@ def defend(job, cfg, emit) -> Defence:
     mask.undo_to(kept)
     timing["prune"] = time.perf_counter() - start
     changed = [Unit("channel", owner[i][0], owner[i][1], float(values[i])).to_dict() for i in ranked[:kept]]
-    summary = (f"Masks were learned for {len(values)} batch-norm channels over {b.anp_iters} iterations under adversarial "
-               f"neuron perturbation (eps {b.anp_eps:g}, trade-off {b.anp_alpha:g}, mask lr {b.anp_mask_lr:g}); the "
-               f"{kept} channels with a mask below {kept_threshold:.2f} (the largest threshold within alpha = "
-               f"{cfg.prune.alpha} on the validation split) had their norm scale zeroed.")
+    summary = (f"Masks were learned for {len(values)} batch-norm channels over {b.anp_iters} iterations under "
+               f"adversarial neuron perturbation (eps {b.anp_eps:g}, trade-off {b.anp_alpha:g}, mask lr "
+               f"{b.anp_mask_lr:g}); the {kept} channels with a mask below {kept_threshold:.2f} (the largest threshold "
+               f"within alpha = {cfg.prune.alpha} on the validation split) had their norm scale zeroed.")
     details = {"threshold": kept_threshold, "mask_values": [float(v) for v in values],
                "curve": [{"threshold": th, "val_acc": a, "pruned": k} for th, a, k in curve]}
     return Defence(changed, len(values), summary, details, None, timing,
-                   lambda path: plot_curve(path, "ANP: pruning by mask threshold", "mask threshold",
-                                           [th for th, _, _ in curve], {"val ACC (clean)": [100 * a for _, a, _ in curve],
-                                                                      "channels pruned (% of all)": [100 * k / len(values) for _, _, k in curve]},
-                                           marker=(kept_threshold, f"kept: threshold {kept_threshold:.2f}"),
-                                           floor=(100 * (base / n_val - cfg.prune.alpha), f"ACC floor (alpha={cfg.prune.alpha:g})")))
+                   lambda path: plot_curve(
+                       path, "ANP: pruning by mask threshold", "mask threshold", [th for th, _, _ in curve],
+                       {"val ACC (clean)": [100 * a for _, a, _ in curve],
+                        "channels pruned (% of all)": [100 * k / len(values) for _, _, k in curve]},
+                       marker=(kept_threshold, f"kept: threshold {kept_threshold:.2f}"),
+                       floor=(100 * (base / n_val - cfg.prune.alpha), f"ACC floor (alpha={cfg.prune.alpha:g})")))

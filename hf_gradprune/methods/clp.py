@@ -9,10 +9,10 @@ import time
 
 import torch
 
+from ..layers import needs_batch_norms
 from ..plot import plot_curve
 from ..progress import ProgressEvent
 from ..prune import FilterPruner
-from ..layers import needs_batch_norms
 from ..units import Unit
 from . import Defence
 
@@ -34,7 +34,8 @@ def defend(job, cfg, emit) -> Defence:
     changed, per_layer, candidates = [], [], 0
     emit(ProgressEvent("prune", message=f"scoring channels of {len(pruner.convs)} conv layers (data-free)"))
     for i, (name, conv) in enumerate(pruner.convs):
-        norm = next((n for n in pruner.norms.get(name, []) if isinstance(n, torch.nn.modules.batchnorm._BatchNorm)), None)
+        norm = next((n for n in pruner.norms.get(name, [])
+                     if isinstance(n, torch.nn.modules.batchnorm._BatchNorm)), None)
         if norm is None or norm.running_var is None:
             continue
         lips = channel_lipschitz(conv, norm)
@@ -48,11 +49,12 @@ def defend(job, cfg, emit) -> Defence:
     if not candidates:
         raise needs_batch_norms(job.loaded, "clp", "no conv layer feeds a batch norm")
     timing = {"prune": time.perf_counter() - start}
-    summary = (f"{len(changed)} of {candidates} conv channels that feed a batch norm had a channel Lipschitz bound above "
-               f"mean + {u:g} x std of their layer and were zeroed (filter and norm), in "
+    summary = (f"{len(changed)} of {candidates} conv channels that feed a batch norm had a channel Lipschitz bound "
+               f"above mean + {u:g} x std of their layer and were zeroed (filter and norm), in "
                f"{sum(1 for _, n in per_layer if n)} layers. No data and no fine-tuning were used.")
     details = {"u": u, "per_layer": [{"layer": n, "pruned": k} for n, k in per_layer]}
     return Defence(changed, candidates, summary, details, None, timing,
-                   lambda path: plot_curve(path, f"CLP (u={u:g}): channels pruned per conv layer", "conv layer (forward order)",
+                   lambda path: plot_curve(path, f"CLP (u={u:g}): channels pruned per conv layer",
+                                           "conv layer (forward order)",
                                            list(range(len(per_layer))), {"channels pruned": [k for _, k in per_layer]},
                                            ylabel="channels"))

@@ -58,8 +58,8 @@ def defend(job, cfg, emit) -> Defence:
     timing["finetune"] = time.perf_counter() - start
     changed = [Unit("feature", name, c, float(means[c])).to_dict() for c in order[:kept]]
     summary = (f"{kept} of the {channels} feature channels feeding `{name}` (the least activated by the clean images, "
-               f"{step} per step) were pruned; the sweep stopped at {curve[-1][0]} ({stop}) and kept the last step within "
-               f"alpha = {cfg.prune.alpha}. Fine-tuning on clean images then ran {tuned.epochs} epochs "
+               f"{step} per step) were pruned; the sweep stopped at {curve[-1][0]} ({stop}) and kept the last step "
+               f"within alpha = {cfg.prune.alpha}. Fine-tuning on clean images then ran {tuned.epochs} epochs "
                f"(best: epoch {tuned.best_epoch}).")
     details = {"classifier": name, "step": step, "stop_reason": stop, "kept_channels": kept,
                "curve": [{"pruned": k, "val_acc": a} for k, a in curve]}
@@ -67,5 +67,6 @@ def defend(job, cfg, emit) -> Defence:
                    lambda path: plot_curve(path, f"FP: pruning the inputs of {name}", "channels pruned",
                                            [k for k, _ in curve], {"val ACC (clean)": [100 * a for _, a in curve]},
                                            marker=(kept, f"kept: {kept}"),
-                                           floor=(100 * (base / n_val - cfg.prune.alpha), f"ACC floor (alpha={cfg.prune.alpha:g})")))
+                                           floor=(100 * (base / n_val - cfg.prune.alpha),
+                                                  f"ACC floor (alpha={cfg.prune.alpha:g})")))
 

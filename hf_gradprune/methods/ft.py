@@ -11,8 +11,8 @@ from ..progress import ProgressEvent
 from . import Defence
 
 
-def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer=None, what="fine-tuning on clean images",
-               reference_correct=None):
+def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer=None,
+               what="fine-tuning on clean images", reference_correct=None):
     """The clean fine-tuning every fine-tuning baseline runs (FT, FP's repair, NAD's teacher and student, FT-SAM)."""
     t = job.tensors
     epochs = run_epochs(tune_cfg, len(t["train_y"]))
@@ -20,15 +20,16 @@ def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer
     return finetune(job.loaded.model, t["train"], t["train_y"], t["val"], t["val_y"], tune_cfg, keep, cfg.seed,
                     lambda e, loss: emit(ProgressEvent("finetune", step=e, total=epochs,
                                                        values={"val_loss": loss})),
-                    loss_fn=loss_fn, make_optimizer=make_optimizer, reference_correct=reference_correct, procs=job.procs,
-                    chunk_size=job.batch_size)
+                    loss_fn=loss_fn, make_optimizer=make_optimizer, reference_correct=reference_correct,
+                    procs=job.procs, chunk_size=job.batch_size)
 
 
 def defend(job, cfg, emit) -> Defence:
     start = time.perf_counter()
     tune_cfg = cfg.baseline.tune
     tuned = tune_clean(job, cfg, emit, tune_cfg)
-    summary = (f"No channel was pruned. Fine-tuning on the clean few-shot images (lr {tune_cfg.lr:g}, {tune_cfg.schedule}, "
-               f"augmentation {tune_cfg.augment}) ran {tuned.epochs} epochs (best: epoch {tuned.best_epoch}).")
+    summary = (f"No channel was pruned. Fine-tuning on the clean few-shot images (lr {tune_cfg.lr:g}, "
+               f"{tune_cfg.schedule}, augmentation {tune_cfg.augment}) ran {tuned.epochs} epochs "
+               f"(best: epoch {tuned.best_epoch}).")
     return Defence([], 0, summary, {}, tuned, {"finetune": time.perf_counter() - start},
                    lambda path: plot_tuning(tuned, "FT: clean fine-tuning", path))

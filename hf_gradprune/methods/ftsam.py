@@ -57,10 +57,13 @@ def defend(job, cfg, emit) -> Defence:
 
     make_optimizer = sam_optimizer(b.sam_rho, b.sam_adaptive)
     tuned = tune_clean(job, cfg, emit, tune_cfg, make_optimizer=make_optimizer,
-                       what=f"fine-tuning on clean images with {'adaptive ' if b.sam_adaptive else ''}SAM (rho {b.sam_rho:g})")
-    summary = (f"No channel was pruned. Fine-tuning on the clean few-shot images with {'adaptive ' if b.sam_adaptive else ''}"
-               f"sharpness-aware minimisation (rho {b.sam_rho:g}, label smoothing {b.sam_label_smoothing:g}) ran "
-               f"{tuned.epochs} epochs (best: epoch {tuned.best_epoch}).")
+                       what="fine-tuning on clean images with "
+                            f"{'adaptive ' if b.sam_adaptive else ''}SAM (rho {b.sam_rho:g})")
+    summary = ("No channel was pruned. Fine-tuning on the clean few-shot images with "
+               f"{'adaptive ' if b.sam_adaptive else ''}sharpness-aware minimisation (rho {b.sam_rho:g}, "
+               f"label smoothing {b.sam_label_smoothing:g}) ran {tuned.epochs} epochs "
+               f"(best: epoch {tuned.best_epoch}).")
     return Defence([], 0, summary, {"rho": b.sam_rho, "adaptive": b.sam_adaptive,
                                     "label_smoothing": b.sam_label_smoothing}, tuned,
-                   {"finetune": time.perf_counter() - start}, lambda path: plot_tuning(tuned, "FT-SAM: clean fine-tuning", path))
+                   {"finetune": time.perf_counter() - start},
+                   lambda path: plot_tuning(tuned, "FT-SAM: clean fine-tuning", path))

@@ -5,12 +5,13 @@ that uses the triggered twins."""
 from __future__ import annotations
 
 import time
+
 import torch
 
+from ..errors import UserError
 from ..finetune import finetune, probabilities, run_epochs
 from ..plot import plot_curve, plot_rounds
 from ..progress import ProgressEvent
-from ..errors import UserError
 from ..prune import PruneRound, gradient_prune, round_floor
 from ..units import UnitPruner, count_kinds, find_units
 from . import Defence
@@ -31,7 +32,8 @@ def defend(job, cfg, emit) -> Defence:
 
     def on_round(r: PruneRound) -> None:
         emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer} {r.kind} {r.index}",
-                           values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss, "val_asr": r.val_asr}))
+                           values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss,
+                                   "val_asr": r.val_asr}))
     pruned = gradient_prune(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], t["val_y"],
                             cfg.prune, job.target, job.batch_size, on_round, job.procs, train_clean=t["train"])
     timing["prune"] = time.perf_counter() - start
@@ -112,7 +114,8 @@ def targets(tune_cfg) -> str:
 
 def score_desc(prune_cfg) -> str:
     what = {"grad": "the mean absolute gradient of the unlearning loss",
-            "grad_x_weight": "the mean absolute gradient x weight of the unlearning loss (variant --score grad_x_weight)"}
+            "grad_x_weight": "the mean absolute gradient x weight of the unlearning loss "
+                             "(variant --score grad_x_weight)"}
     desc = what[prune_cfg.score]
     if prune_cfg.normalise == "layer":
         desc += ", divided by its layer's mean (variant --score-norm layer)"

@@ -48,10 +48,10 @@ def defend(job, cfg, emit) -> Defence:
     start = time.perf_counter()
     tuned = tune_clean(job, cfg, emit, b.tune, loss_fn=loss_fn, what="attention distillation from the teacher")
     timing["finetune"] = time.perf_counter() - start
-    summary = (f"No channel was pruned. A teacher was fine-tuned on the clean images for {teacher_tuned.epochs} epochs; "
-               f"the model was then trained on them with cross-entropy + attention distillation on its last {n} stages "
-               f"(betas {', '.join(f'{x:g}' for x in b.nad_betas)}, p {b.nad_power:g}) for {tuned.epochs} epochs "
-               f"(best: epoch {tuned.best_epoch}).")
+    summary = (f"No channel was pruned. A teacher was fine-tuned on the clean images for {teacher_tuned.epochs} "
+               f"epochs; the model was then trained on them with cross-entropy + attention distillation on its last "
+               f"{n} stages (betas {', '.join(f'{x:g}' for x in b.nad_betas)}, p {b.nad_power:g}) for {tuned.epochs} "
+               f"epochs (best: epoch {tuned.best_epoch}).")
     details = {"betas": list(b.nad_betas), "p": b.nad_power, "teacher": {"epochs": teacher_tuned.epochs,
                                                                          "best_epoch": teacher_tuned.best_epoch}}
     return Defence([], 0, summary, details, tuned, timing,
