@@ -3,9 +3,10 @@ attention heads) + fine-tuning."""
 
 __version__ = "0.1.0"
 
+from .config import build_config  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .finetune import TuneConfig  # noqa: E402
-from .job import BaselineConfig  # noqa: E402
+from .job import BaselineConfig, JobConfig  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .prune import PruneConfig  # noqa: E402
 from .triggers import TriggerSpec  # noqa: E402
@@ -17,4 +18,5 @@ def run(*args, **kwargs):
     return _run(*args, **kwargs)
 
 
-__all__ = ["BaselineConfig", "METHODS", "PruneConfig", "TuneConfig", "TriggerSpec", "UserError", "run", "__version__"]
+__all__ = ["BaselineConfig", "JobConfig", "METHODS", "PruneConfig", "TuneConfig", "TriggerSpec", "UserError",
+           "build_config", "run", "__version__"]

@@ -80,7 +80,7 @@ class JobConfig:
     device: str | None = None  # default: accelerate's choice (GPU when there is one); one process only
     mixed_precision: str | None = None  # "no" | "fp16" | "bf16" for fine-tuning; default: accelerate's config
     repo_id: str | None = None  # where the card says the model lives, when it is pushed
-    command: str | None = None  # the command as published in the card: token removed, paths by name (cli.py)
+    command: str | None = None  # the command as published in the card: token removed, paths by name (config.py)
     source_id: str | None = None  # the Hub repo a local MODEL folder lives at (--source-id): the card's base_model
     data_id: str | None = None  # the Hub repo a local --data folder lives at (--data-id): the card's datasets
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison

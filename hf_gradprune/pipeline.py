@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .card import render_card
+from .config import check_job
 from .data import FewShot, PixelSet, align_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
 from .hub import LOCAL_FILE, LoadedModel, load_model, save_model, source_card_license
@@ -43,7 +44,7 @@ from .synth import (
     usable_triggers,
     verdict,
 )
-from .triggers import UNKNOWN, make_trigger
+from .triggers import make_trigger
 
 REPORT_FILE = "gradprune_report.json"
 PLOT_FILE = "gradprune_rounds.png"
@@ -110,8 +111,6 @@ def _load_data(cfg: JobConfig, loaded: LoadedModel, with_test: bool = True,
     else:
         test_split, exclude = splits[eval_name], set()
         find_columns(test_split.features, cfg.data, image_col, label_col)
-    if cfg.eval_limit is not None and cfg.eval_limit < 1:
-        raise UserError(f"--eval-limit {cfg.eval_limit}: must be at least 1")
     test_idx = eval_rows(len(test_split), exclude, cfg.eval_limit, cfg.seed) if with_test else []
     streamed = stream_test(len(test_idx), loaded.input_size)  # too large to hold: decoded a chunk at a time
     background = device is not None and device.type != "cpu"  # on a CPU the model needs the cores more
@@ -158,18 +157,6 @@ def _triggered_copies(cfg: JobConfig, loaded: LoadedModel, data: FewShot,
     stamp = make_trigger(cfg.trigger, loaded.input_size)
     out = [PixelSet(stamp_images(stamp, s.pixels), s.labels) for s in (data.train, data.val, data.test)]
     return out[0], out[1], out[2], cfg.trigger.describe()
-
-
-def _check_synthesis(cfg: JobConfig) -> None:
-    if cfg.blind and cfg.trigger.kind == UNKNOWN and not cfg.backdoor_data:
-        raise UserError("--blind needs the real trigger (--trigger KIND or --backdoor-data) to measure with; without "
-                        "one, use --trigger unknown")
-    if cfg.trigger.kind == UNKNOWN and cfg.backdoor_data:
-        raise UserError("--trigger unknown with --backdoor-data: the triggered copies are the trigger; drop "
-                        "--trigger unknown, or add --blind to defend without them and measure with them")
-    if cfg.force and not cfg.synthesises:
-        raise UserError("--force only applies to --trigger unknown / --blind (defend even when the scan finds no "
-                        "backdoor); drop it")
 
 
 def _scan(cfg: JobConfig, loaded: LoadedModel, data: FewShot, target: int | None, emit: ProgressCallback,
@@ -267,14 +254,7 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     """Remove the backdoor from cfg.model and write the sanitised model, card, report and plot to the output.
 
     Under `accelerate launch` every process runs this; only the main one reports progress and writes the output."""
-    if cfg.method not in METHODS:
-        raise UserError(f"--method {cfg.method}: unknown; choose one of {', '.join(METHODS)}")
-    if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
-        raise UserError(f"--mixed-precision {cfg.mixed_precision}: choose no, fp16 or bf16")
-    if cfg.mixed_precision == "fp16" and cfg.method == "ftsam":
-        raise UserError("--mixed-precision fp16: FT-SAM's two-step optimiser cannot run under a gradient scaler; "
-                        "use bf16 or no")
-    _check_synthesis(cfg)
+    check_job(cfg)  # a JobConfig built by hand gets build_config's checks too
     out = output_dir_for(cfg)
     _check_output(out, cfg.overwrite)
     procs = start(cfg.device, cfg.mixed_precision)

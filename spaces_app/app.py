@@ -3,8 +3,9 @@
     python spaces_app/app.py            # http://127.0.0.1:7860, no network needed for local folders
     python spaces_app/app.py --login    # also "Sign in with Hugging Face" (Gradio mocks it with your local login)
 
-The app builds the CLI's argv from the form and runs the same `hf_gradprune.pipeline.run`; progress reaches the
-page through the pipeline's progress callback (gr.Progress + a live log).
+The app turns the form into the CLI's job (`hf_gradprune.build_config`) and runs the same
+`hf_gradprune.pipeline.run`; progress reaches the page through the pipeline's progress callback (gr.Progress + a
+live log).
 """
 
 # no `from __future__ import annotations` here: Gradio reads the gr.OAuthToken annotation to inject the token

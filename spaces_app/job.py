@@ -1,7 +1,8 @@
 """What the Space does between the browser and the pipeline, kept free of Gradio so it can be tested headless.
 
-The form becomes the same argv the CLI parses (`hf_gradprune.cli.job_config`), so the Space runs the CLI's job with
-the CLI's checks and error messages; uploads are unpacked into a per-job folder under caps a public Space needs.
+The form becomes the options the CLI's flags give (`hf_gradprune.config.build_config`, the one path to a job), so
+the Space runs the CLI's job with the CLI's checks and error messages; uploads are unpacked into a per-job folder
+under caps a public Space needs.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_gradprune.cli import job_config, published_argv, redacted_command
+from hf_gradprune.config import build_config, command_argv, published_argv, redacted_command
 from hf_gradprune.errors import UserError
 from hf_gradprune.finetune import TuneConfig
 from hf_gradprune.hub import PushFailed, default_repo_id, failure_reason, push_folder
+from hf_gradprune.job import JobConfig
 from hf_gradprune.names import HUB_ID, model_name, public_name
 from hf_gradprune.progress import ProgressEvent
 
@@ -158,9 +160,9 @@ def _with_limit(value, cap: int | None, flag: str, hint: str) -> None:
         raise UserError(f"{flag} {value}: this Space allows at most {cap}; {hint}")
 
 
-def build_argv(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[list[str], list[str]]:
-    """The form -> (argv to run, argv to show: the CLI's published_argv of it, less the job's --output). Every value
-    goes through the CLI's parser and checks."""
+def form_values(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[dict, str]:
+    """The form -> (the options of `hf-gradprune defend`, as `build_config` takes them, under this Space's caps;
+    how the model is shown). A box left empty or at its default is left out, as a person would leave the flag out."""
     model, model_shown = resolve_input(form.get("model_id"), form.get("model_files"), job_dir, "Model", "MODEL",
                                        settings)
     data, _ = resolve_input(form.get("data_id"), form.get("data_files"), job_dir, "Dataset", "--data", settings)
@@ -169,35 +171,32 @@ def build_argv(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[list
     eval_limit = form.get("eval_limit")
     eval_limit = int(eval_limit) if eval_limit not in (None, "", 0) else settings.max_eval
     _with_limit(eval_limit, settings.max_eval, "--eval-limit", "run the CLI for the whole test split")
-    opts: list[tuple[str, object]] = [
-        ("--split", form.get("split") or "train"), ("--spc", spc), ("--seed", int(form.get("seed") or 0)),
-        ("--eval-limit", eval_limit), ("--trigger", form.get("trigger") or "badnet"),
-        ("--trigger-image", form.get("trigger_image")), ("--trigger-mask", form.get("trigger_mask")),
-        ("--blend-alpha", form.get("blend_alpha")), ("--bpp-levels", form.get("bpp_levels")),
-        ("--target", form.get("target") or "auto"), ("--method", form.get("method") or "gradprune"),
-        ("--recipe", form.get("recipe") if (form.get("method") or "gradprune") == "gradprune" else None),
-        ("--alpha", form.get("alpha")), ("--prune-patience", form.get("prune_patience")),
-        # empty (or 0, what an emptied number box gives back): the recipe's own (robust 0, paper 500)
-        ("--max-rounds", form.get("max_rounds") or None), ("--tune-patience", form.get("tune_patience")),
-        ("--max-epochs", form.get("max_epochs"))]
-    kind = form.get("trigger") or "badnet"
-    relevant = {"--trigger-image": kind in ("patch", "blended", "additive"), "--trigger-mask": kind == "patch",
-                "--blend-alpha": kind == "blended", "--bpp-levels": kind == "bpp"}
-    # flags left at their default are left out, so the command shown is the one a user would type
-    defaults = {**vars(job_config(["MODEL", "--data", "DATA"], raising=True)[1]),
-                "tune_patience": TuneConfig.patience, "max_epochs": TuneConfig.max_epochs}  # every method's default
-    run_tail: list[str] = []
-    for flag, value in opts:
-        if value is None or value == "" or not relevant.get(flag, True):
-            continue
-        if isinstance(value, float) and value.is_integer() and flag not in ("--alpha", "--blend-alpha"):
-            value = int(value)
-        if str(value) == str(defaults.get(flag[2:].replace("-", "_"))):
-            continue
-        run_tail += [flag, str(value)]
-    run = [model, "--data", data, *run_tail]
-    out = ["--output", str(job_dir / f"{model_name(model_shown)}-{form.get('method') or 'gradprune'}")]
-    return [*run, *out], published_argv(run)
+    kind, method = form.get("trigger") or "badnet", form.get("method") or "gradprune"
+    relevant = {"trigger_image": kind in ("patch", "blended", "additive"), "trigger_mask": kind == "patch",
+                "blend_alpha": kind == "blended", "bpp_levels": kind == "bpp", "recipe": method == "gradprune"}
+    # the number boxes show every method's fine-tuning defaults; left there, the chosen method's own apply
+    shown_defaults = {"tune_patience": TuneConfig.patience, "max_epochs": TuneConfig.max_epochs}
+    values = {"model": model, "data": data, "split": form.get("split"), "spc": spc, "seed": form.get("seed"),
+              "eval_limit": eval_limit, "trigger": kind, "trigger_image": form.get("trigger_image"),
+              "trigger_mask": form.get("trigger_mask"), "blend_alpha": form.get("blend_alpha"),
+              "bpp_levels": form.get("bpp_levels"), "target": form.get("target") or None, "method": method,
+              "recipe": form.get("recipe"), "alpha": form.get("alpha"), "prune_patience": form.get("prune_patience"),
+              # empty (or 0, what an emptied number box gives back): the recipe's own (robust 0, paper 500)
+              "max_rounds": form.get("max_rounds") or None, "tune_patience": form.get("tune_patience"),
+              "max_epochs": form.get("max_epochs")}
+    return {k: v for k, v in values.items() if v not in (None, "") and relevant.get(k, True)
+            and v != shown_defaults.get(k)}, model_shown
+
+
+def build_job(settings: SpaceSettings, form: dict, job_dir: Path) -> tuple[JobConfig, list[str]]:
+    """The form -> (the job, the command it equals as the card and the page show it: MODEL and flags, no --output).
+    Every value goes through `build_config`, the CLI's one path to a job, with its checks and messages."""
+    values, model_shown = form_values(settings, form, job_dir)
+    argv = command_argv(values)
+    output = job_dir / f"{model_name(model_shown)}-{values['method']}"
+    cfg = build_config({**values, "output": str(output)})
+    cfg.command = redacted_command(argv)
+    return cfg, published_argv(argv)
 
 
 def run_job(settings: SpaceSettings, form: dict, progress: Callable[[ProgressEvent], None],
@@ -206,9 +205,7 @@ def run_job(settings: SpaceSettings, form: dict, progress: Callable[[ProgressEve
     from hf_gradprune.pipeline import run
     job_dir = new_job_dir(settings)
     try:
-        argv, shown = build_argv(settings, form, job_dir)
-        cfg, _ = job_config(argv, raising=True)
-        cfg.command = redacted_command(shown)  # published already; the job's --output is left out
+        cfg, _ = build_job(settings, form, job_dir)
 
         def emit(event: ProgressEvent) -> None:
             if cancelled is not None and cancelled.is_set():

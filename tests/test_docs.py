@@ -3,12 +3,15 @@ front page, and every result block in it and in docs/ is what `benchmarks/docs_b
 rows."""
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import pytest  # noqa: E402
 
 import docs_blocks  # noqa: E402
 
@@ -47,3 +50,34 @@ def test_links_between_the_pages_resolve():
 def test_the_code_passes_the_linter_with_the_committed_configuration():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:]
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every `hf-gradprune ...` (or `accelerate launch ... -m hf_gradprune ...`) line in the README's and docs'
+    shell blocks, as (page, argv after the program name); elided examples (`...`) are left out."""
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" # ")[0].split("   #")[0]
+                m = re.search(r"(?:^|\s)(?:hf-gradprune|-m hf_gradprune)(\s.*|$)", line)
+                if m and "..." not in line:
+                    found.append((page.name, shlex.split(m.group(1))))
+    return found
+
+
+def test_every_documented_command_parses_into_a_job():
+    """Each command the README and docs show is one the CLI takes as written: its flags exist and its values pass
+    build_config's checks (nothing is run)."""
+    from hf_gradprune.cli import COMMANDS, build_parser
+    from hf_gradprune.config import build_config
+    commands = documented_commands()
+    assert len(commands) >= 10 and {argv[0] for _, argv in commands if argv} >= {"scan", "push", "demo"}
+    for page, argv in commands:
+        argv = argv if argv and argv[0] in COMMANDS else ["defend", *argv]
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{page}: hf-gradprune {shlex.join(argv)} does not parse")
+        if args.command in ("defend", "scan"):
+            build_config({k: v for k, v in vars(args).items() if k not in ("command", "run")}, args.command)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "spaces_app"))
 
 from hf_gradprune.errors import UserError  # noqa: E402
-from job import SpaceSettings, build_argv, push_outcome, unpack_upload  # noqa: E402
+from job import SpaceSettings, build_job, push_outcome, unpack_upload  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 MACHINE_TOKEN = "hf_SECRET_machine_token"  # this machine's login: Gradio's mocked "Sign in" needs one locally
@@ -64,16 +64,35 @@ def test_public_space_limits(tmp_path):
     space = SpaceSettings(in_space=True, login=True, local_paths=False, max_spc=20, max_eval=500, workdir=tmp_path)
     form = {"model_id": "org/resnet", "data_id": "org/data"}
     with pytest.raises(UserError, match=r"MODEL /etc: give a Hub id \(org/name\); this Space does not read paths"):
-        build_argv(space, {**form, "model_id": "/etc"}, tmp_path)
+        build_job(space, {**form, "model_id": "/etc"}, tmp_path)
     with pytest.raises(UserError, match="--spc 50: this Space allows at most 20"):
-        build_argv(space, {**form, "spc": 50}, tmp_path)
+        build_job(space, {**form, "spc": 50}, tmp_path)
     with pytest.raises(UserError, match="--eval-limit 800: this Space allows at most 500"):
-        build_argv(space, {**form, "eval_limit": 800}, tmp_path)
+        build_job(space, {**form, "eval_limit": 800}, tmp_path)
     with pytest.raises(UserError, match=r"--data: give a Hub dataset id \(org/name\) or upload"):
-        build_argv(space, {"model_id": "org/resnet"}, tmp_path)
-    argv, shown = build_argv(space, {**form, "spc": 2, "trigger": "badnet", "blend_alpha": 0.3}, tmp_path)
-    assert argv[:3] == ["org/resnet", "--data", "org/data"] and "--blend-alpha" not in argv  # not a blended trigger
+        build_job(space, {"model_id": "org/resnet"}, tmp_path)
+    cfg, shown = build_job(space, {**form, "spc": 2, "trigger": "badnet", "blend_alpha": 0.3}, tmp_path)
+    assert (cfg.model, cfg.data, cfg.spc, cfg.eval_limit) == ("org/resnet", "org/data", 2, 500)
+    assert cfg.trigger.alpha == 0.2  # not a blended trigger: its alpha box does not act
     assert shown == ["org/resnet", "--data", "org/data", "--spc", "2", "--eval-limit", "500"]  # defaults left out
+    assert cfg.command == "hf-gradprune " + " ".join(shown) and Path(cfg.output).parent == tmp_path
+
+
+def test_the_space_and_the_cli_reach_the_same_job(tmp_path):
+    """The form and the command line it shows give the same JobConfig through the one path (config.build_config)."""
+    from hf_gradprune.cli import job_config
+    space = SpaceSettings(in_space=True, login=True, local_paths=False, workdir=tmp_path)
+    form = {"model_id": "org/resnet", "data_id": "org/data", "spc": 10.0, "seed": 3, "trigger": "blended",
+            "trigger_image": "org-trigger.png", "blend_alpha": 0.3, "target": "cat", "method": "gradprune",
+            "recipe": "paper", "alpha": 0.2, "max_rounds": 0, "tune_patience": 10, "max_epochs": 40.0}
+    cfg, shown = build_job(space, form, tmp_path)
+    cli_cfg, _ = job_config([*shown, "--output", cfg.output])
+    assert cli_cfg.command == cfg.command + f" --output ./{Path(cfg.output).name}"  # the CLI's command as typed
+    cli_cfg.command = cfg.command
+    assert cli_cfg == cfg
+    assert shown == ["org/resnet", "--data", "org/data", "--seed", "3",  # SPC 10 is the default: left out
+                     "--trigger", "blended", "--trigger-image", "org-trigger.png", "--blend-alpha", "0.3",
+                     "--target", "cat", "--recipe", "paper", "--alpha", "0.2", "--max-epochs", "40"]
 
 
 def test_job_folders_are_cleaned(timm_backdoor, tmp_path):
