@@ -482,7 +482,10 @@ def summarise(rows: list[dict]) -> dict:
 
 def breakdown(rows: list[dict]) -> dict:
     out = {}
-    for key, of in (("family", lambda r: r["family"]), ("dataset", lambda r: r["dataset"]),
+    # family: library and architecture ("timm-resnet"); architecture: across libraries ("resnet": timm's and
+    # transformers' ResNets)
+    for key, of in (("family", lambda r: r["family"]), ("architecture", lambda r: r["family"].split("-", 1)[1]),
+                    ("library", lambda r: FAMILIES[r["family"]]["library"]), ("dataset", lambda r: r["dataset"]),
                     ("trigger", lambda r: r["trigger"]["kind"] if r["trigger"] else "clean")):
         groups = {}
         for r in rows:
