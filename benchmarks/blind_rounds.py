@@ -10,8 +10,9 @@ original)), which is what synth.pull_back decides on. Options: "steps" (fine-tun
 recipes.SYNTHESISED_TUNE_STEPS), "tune" (other TuneConfig fields, e.g. {"lr": 0.0005}), "recal" (re-estimate batch-norm
 statistics on the clean few-shot images after each round), "wise" (list of shares), "families": "evidence" (stamp only
 the family that gave the evidence), "rounds" (default 3). The data root is $GRADPRUNE_DATA (default ../shared/data).
-The logs behind docs/unknown-trigger.md's "what was tried" are in results/blind-rounds-avx512/. A diagnostic: it
-prints, it writes no rows."""
+The logs behind docs/unknown-trigger.md's "what was tried" are in results/experiments/blind-rounds-avx512/. A
+diagnostic: it prints, it writes no rows.
+"""
 import json
 import os
 import sys

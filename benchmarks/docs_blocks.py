@@ -125,9 +125,97 @@ def headline(folder: str = "cpu-avx512", blind: str = "cpu-avx512-blind", spc: s
     return "\n".join(lines)
 
 
-BLOCKS = {"recipes": recipes, "baselines": baselines, "tier-table": tier_table, "results-file": results_file,
+MACHINES = {"avx512": "Intel Xeon, AVX-512 / AMX, 2 cores", "avx2": "AMD EPYC, AVX2, 2 cores",
+            "epyc": "AMD EPYC, AVX-512, 2 cores", "": "the first machine (its rows predate machine tags)"}
+# each published folder: (what it holds, the command that makes it, the machine's tag in MACHINES); the searches
+# under experiments/ are described from their names (tier, machine tag, variants.py's variant)
+FOLDERS = {
+    "cpu": ("cpu tier: Grad-Prune in the paper's recipe and the six baselines, SPC 2 / 10 / 100",
+            "python benchmarks/tiers.py cpu", ""),
+    "cpu-avx2": ("cpu tier, both recipes at SPC 10 on another machine's models",
+                 "python benchmarks/tiers.py cpu --tag avx2 --spc 10 --method gradprune gradprune-paper", "avx2"),
+    "cpu-avx512": ("cpu tier: both recipes and the six baselines, SPC 2 / 10 / 100, seeds 0-2",
+                   "python benchmarks/tiers.py cpu --tag avx512", "avx512"),
+    "cpu-avx512-blind": ("the trigger unknown to the defence (--blind), clean models too, SPC 2 / 10 / 100",
+                         "python benchmarks/tiers.py cpu --tag avx512 --blind", "avx512"),
+    "cpu-avx512-heldout": ("both recipes on held-out draws (seeds 3-4)",
+                           "python benchmarks/tiers.py cpu --tag avx512-heldout --spc 2 10 --seeds 3 4", "avx512"),
+    "cpu-convnext-avx512": ("a narrow timm ConvNeXt on CIFAR-10, both recipes and the baselines",
+                            "python benchmarks/tiers.py cpu-convnext --tag avx512", "avx512"),
+    "cpu-vit-avx512": ("a small timm ViT on CIFAR-10, both recipes and the baselines",
+                       "python benchmarks/tiers.py cpu-vit --tag avx512", "avx512"),
+    "cpu-epyc-blind": ("the blind tier's GTSRB SPC 10 cells with the scan's screen, on this machine's models",
+                       "python benchmarks/tiers.py cpu --tag epyc --blind --spc 10 --only gtsrb badnet blended lf "
+                       "clean", "epyc"),
+    "detection": ("the detection benchmark: 70 models, dev / test, rows per scan variant",
+                  "python benchmarks/detection.py train|scan|report", "epyc"),
+    "multiproc": ("1 against 2 processes (accelerate launch): time, same pruning and numbers",
+                  "python benchmarks/multiproc.py --spc 100 --rounds 6 --epochs 3 --repeats 3", "avx512"),
+    "scale-avx512": ("224-px resnet50 / ViT-B/16 at 10-1000 classes: memory, time per round",
+                     "python benchmarks/scale.py --tag avx512", "avx512"),
+    "scan-cost-avx512": ("the scan's time at 10 / 100 / 1000 classes (the probe)",
+                         "python benchmarks/scan_cost.py --select probe --results "
+                         "benchmarks/results/scan-cost-avx512", "avx512"),
+    "scan-cost-epyc": ("the scan's time by model and path (screen, probe) at 10 and 43 classes",
+                       "python benchmarks/scan_cost.py --results benchmarks/results/scan-cost-epyc", "epyc"),
+    "smoke": ("the smoke tier on digits: both recipes and the baselines (the test suite runs it)",
+              "python benchmarks/tiers.py smoke", ""),
+    "speed": ("a pruning round's time against its forward + backward floor", "python benchmarks/speed.py", ""),
+    "streaming-avx512": ("a large test set held against streamed: memory, time",
+                         "python benchmarks/streaming.py --images 2000 --tag avx512", "avx512"),
+}
+
+
+EXPERIMENTS = {  # the searches whose names carry no variant
+    "blind-rounds-avx512": "logs of benchmarks/blind_rounds.py: round by round, the pull-back's shares",
+    "tune-length-avx512": "logs of benchmarks/tune_length.py: the fine-tuning step budget",
+    "cpu-avx512-units": "the ResNet rows rerun with the unit engine (--tag avx512-units): all 36 identical",
+}
+
+
+def _cited(name: str) -> str:
+    pages = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+             if re.search(r"(?:results/|experiments/|path=|`)" + re.escape(name) + r"(?![\w-])", p.read_text())]
+    return ", ".join(f"[{p.name}](../../{p.relative_to(ROOT)})" for p in pages) or "-"
+
+
+def results_index() -> str:
+    """benchmarks/results/README.md's table: one line per folder, what made it, on which machine, what cites it."""
+    from variants import VARIANTS
+    lines = ["| folder | what | command | machine | cited by |", "|---|---|---|---|---|"]
+    for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir() and p.name != "experiments"):
+        if folder.name not in FOLDERS:
+            raise KeyError(f"benchmarks/results/{folder.name}: not in docs_blocks.FOLDERS; say what made it")
+        what, command, tag = FOLDERS[folder.name]
+        lines.append(f"| [{folder.name}]({folder.name}/) | {what} | `{command}` | {MACHINES[tag]} | "
+                     f"{_cited(folder.name)} |")
+    lines += ["", "Searches (variants and settings measured against the defaults; `python benchmarks/tiers.py TIER "
+              "--tag TAG --variant VARIANT`, `--compare` for the `*-variants.md` tables):", "",
+              "| folder | variant | machine | cited by |", "|---|---|---|---|"]
+    for path in sorted((RESULTS / "experiments").iterdir()):
+        name = path.name.removesuffix(".md")
+        variant = max((v for v in VARIANTS if f"-{v}-" in f"{name}-"), key=len, default=None)
+        tag = next((t for t in MACHINES if t and f"-{t}" in name), "")
+        if variant:
+            what = VARIANTS[variant][3]
+            cited = _cited(path.name)  # else through its tier's side-by-side table
+            if cited == "-":
+                table = f"{name[:name.index(f'-{variant}')]}-variants.md"
+                cited = f"the column of `{table}` in " + _cited(table) if (path.parent / table).is_file() else "-"
+        elif name.endswith("-variants"):
+            what, cited = "the variants side by side (`--compare`)", _cited(path.name)
+        elif name in EXPERIMENTS:
+            what, cited = EXPERIMENTS[name], _cited(path.name)
+        else:
+            raise KeyError(f"benchmarks/results/experiments/{name}: not in docs_blocks.EXPERIMENTS; say what made it")
+        lines.append(f"| [{path.name}](experiments/{path.name}) | {what} | {MACHINES[tag]} | {cited} |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"results-index": results_index, "recipes": recipes, "baselines": baselines, "tier-table": tier_table,
+          "results-file": results_file,
           "json-table": json_table, "detection": detection, "headline": headline}
-FILES = ("README.md", "docs/*.md")
+FILES = ("README.md", "docs/*.md", "benchmarks/results/README.md")
 
 
 def render(text: str) -> str:

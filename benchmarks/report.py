@@ -212,13 +212,14 @@ def write_report(tier: str, folder: Path) -> str:
 
 
 def compare_variants(results: Path, tier: str, seeds: set[int] | None = None) -> str:
-    """Grad-Prune's variants (variants.py) side by side with its two recipes, on the cells they ran (mean over seeds,
-    in %); each variant's column says which recipe it changes."""
+    """Grad-Prune's variants (variants.py, their rows under results/experiments/) side by side with its two recipes,
+    on the cells they ran (mean over seeds, in %); each variant's column says which recipe it changes."""
     from variants import VARIANTS
     tier_rows = load_rows(results / tier)
     columns = [("robust", [r for r in tier_rows if method_of(r) == "gradprune"]),
                ("paper", [r for r in tier_rows if method_of(r) == "gradprune-paper"])]
-    folders = sorted(p for p in results.glob(f"{tier}-*") if p.is_dir() and p.name[len(tier) + 1:] in VARIANTS)
+    folders = sorted(p for p in (results / "experiments").glob(f"{tier}-*")
+                     if p.is_dir() and p.name[len(tier) + 1:] in VARIANTS)
     columns += [(p.name[len(tier) + 1:], load_rows(p)) for p in folders]
     by_cell = {}
     for name, rows in columns:

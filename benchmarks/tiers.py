@@ -11,7 +11,8 @@
 
 Grad-Prune runs in both recipes: `gradprune` is the default (robust) recipe, `gradprune-paper` the paper's exact one.
 
-Every (dataset, attack, SPC, seed, method) is one row in benchmarks/results/<tier>/rows/; rows and trained models
+Every (dataset, attack, SPC, seed, method) is one row in benchmarks/results/<tier>/rows/ (a variant's, or a
+setting's search, in benchmarks/results/experiments/<tier>-<variant>/rows/); rows and trained models
 already on disk are reused, so an interrupted run continues where it stopped. All methods of a cell run on the same
 backdoored model, the same few-shot draw (same seed) and the same test images.
 """
@@ -272,7 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--method", nargs="*", choices=METHODS, default=None,
                     help="defences to run (default: the tier's, all seven where the tier lists them)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None, help="restrict to these seeds")
-    ap.add_argument("--results", type=Path, default=None, help="result folder (default benchmarks/results/<tier>)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="result folder (default benchmarks/results/<tier>, a variant's under experiments/)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="trained models, triggers and built-in datasets")
     ap.add_argument("--tag", help="results in <tier>-<tag>[-<variant>]/: rows of models trained on another machine "
                                   "(the same recipe gives other weights on another CPU) are kept apart")
@@ -300,12 +302,14 @@ def main(argv=None) -> int:
     name = tier + (f"-{variant}" if variant else "") + \
         ("-dryrun" if args.epochs or args.train_limit else "") + ("-blind" if args.blind else "") + \
         (f"-r{args.synth_rounds}" if args.synth_rounds else "") + (f"-{args.synth_from}" if args.synth_from else "")
-    results = args.results or RESULTS / name
+    # a variant's or a setting's search goes under experiments/, apart from the published tiers' rows
+    searched = variant or args.synth_rounds or args.synth_from
+    results = args.results or (RESULTS / "experiments" if searched else RESULTS) / name
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.compare:
         from report import compare_variants
         text = compare_variants(RESULTS, tier)
-        (RESULTS / f"{tier}-variants.md").write_text(text + "\n")
+        (RESULTS / "experiments" / f"{tier}-variants.md").write_text(text + "\n")
         print(text)
         return 0
     if not args.report:

@@ -6,7 +6,7 @@ trigger, for one zoo model and few-shot draw, with TuneConfig overrides (max_epo
 
 Prints ACC / ASR before, every EVERY epochs and at the kept epoch, on the first 3000 test images; the data root is
 $GRADPRUNE_DATA (default ../shared/data). The logs behind docs/unknown-trigger.md's choice of SYNTHESISED_TUNE_STEPS
-are in results/tune-length-avx512/. A diagnostic: it prints, it writes no rows."""
+are in results/experiments/tune-length-avx512/. A diagnostic: it prints, it writes no rows."""
 import json
 import os
 import sys

@@ -1,6 +1,10 @@
 """hf-gradprune: remove backdoors from Hub vision models by gradient-based pruning (conv filters, MLP neurons,
 attention heads) + fine-tuning."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from .config import build_config  # noqa: E402
@@ -11,8 +15,11 @@ from .methods import METHODS  # noqa: E402
 from .prune import PruneConfig  # noqa: E402
 from .triggers import TriggerSpec  # noqa: E402
 
+if TYPE_CHECKING:
+    from .job import JobResult
 
-def run(*args, **kwargs):
+
+def run(*args: Any, **kwargs: Any) -> JobResult:
     """See :func:`hf_gradprune.pipeline.run` (imported lazily: the CLI starts fast)."""
     from .pipeline import run as _run
     return _run(*args, **kwargs)

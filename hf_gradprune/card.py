@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from importlib import metadata, resources
 from pathlib import Path
+from typing import Literal
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -37,7 +38,7 @@ def homepage() -> str | None:
     return urls.get("homepage")
 
 
-def hub_url(repo_id: str | None, kind: str = "model") -> str | None:
+def hub_url(repo_id: str | None, kind: Literal["model", "dataset"] = "model") -> str | None:
     """The Hub page of a model or dataset id (None for None)."""
     if not repo_id:
         return None

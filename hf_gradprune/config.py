@@ -16,7 +16,7 @@ import functools
 import shlex
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from .data import train_per_class
 from .errors import UserError
@@ -26,6 +26,7 @@ from .memory import parse_batch_size, parse_memory
 from .methods import METHODS
 from .names import check_hub_id, file_name, local_name, public_name
 from .options import defend_flags, parser, scan_flags
+from .parallel import MIXED_PRECISIONS
 from .recipes import recipe_configs
 from .synth import ScanConfig
 from .triggers import UNKNOWN, TriggerSpec
@@ -37,7 +38,7 @@ class _RaisingParser(argparse.ArgumentParser):
     """For callers that are not a terminal (the Space, published_argv): a bad flag is a UserError, not a usage dump
     and exit."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UserError(message)
 
 
@@ -147,7 +148,7 @@ def check_job(cfg: JobConfig) -> None:
     again for a JobConfig built by hand."""
     if cfg.method not in METHODS:
         raise UserError(f"--method {cfg.method}: unknown; choose one of {', '.join(METHODS)}")
-    if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
+    if cfg.mixed_precision not in (None, *MIXED_PRECISIONS):
         raise UserError(f"--mixed-precision {cfg.mixed_precision}: choose no, fp16 or bf16")
     if cfg.mixed_precision == "fp16" and cfg.method == "ftsam":
         raise UserError("--mixed-precision fp16: FT-SAM's two-step optimiser cannot run under a gradient scaler; "

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from PIL import Image
 
 from .errors import UserError
 from .streaming import StreamedImages
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict, Features
 
 
 @dataclass
@@ -63,7 +67,7 @@ def local_cache_dir(folder: Path) -> str:
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "hf-gradprune-local" / h.hexdigest()[:20])
 
 
-def load_splits(data_id: str, revision: str | None = None):
+def load_splits(data_id: str, revision: str | None = None) -> DatasetDict:
     from datasets import DatasetDict, load_dataset
     try:
         folder = Path(data_id).expanduser()
@@ -80,7 +84,7 @@ def load_splits(data_id: str, revision: str | None = None):
     return ds
 
 
-def _column(features, wanted: str | None, feature_type, kind: str, flag: str, data_id: str) -> str:
+def _column(features: Features, wanted: str | None, feature_type: type, kind: str, flag: str, data_id: str) -> str:
     cols = list(features)
     if wanted is None:
         found = next((c for c in cols if isinstance(features[c], feature_type)), None)
@@ -92,7 +96,8 @@ def _column(features, wanted: str | None, feature_type, kind: str, flag: str, da
     return wanted
 
 
-def find_columns(features, data_id: str, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+def find_columns(features: Features, data_id: str, image_column: str | None,
+                 label_column: str | None) -> tuple[str, str]:
     """The image and label columns: the Image and ClassLabel features unless named."""
     from datasets import ClassLabel
     from datasets import Image as ImageFeature
@@ -168,7 +173,7 @@ def draw_few_shot(labels: np.ndarray, num_classes: int, spc: int, val_ratio: flo
     return train, val
 
 
-def decode(split, rows: list[int], image_column: str, label_column: str,
+def decode(split: Dataset, rows: list[int], image_column: str, label_column: str,
            to_pixels: Callable[[list[Image.Image]], np.ndarray], chunk: int = 512,
            label_map: list[int] | None = None, streamed: bool = False, background: bool = True) -> PixelSet:
     """Decode rows through the model's own preprocessing, once; every later step works on these tensors.
@@ -185,7 +190,7 @@ def decode(split, rows: list[int], image_column: str, label_column: str,
     return PixelSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.long))
 
 
-def decode_streamed(split, rows: list[int], image_column: str, label_column: str,
+def decode_streamed(split: Dataset, rows: list[int], image_column: str, label_column: str,
                     to_pixels: Callable[[list[Image.Image]], np.ndarray], label_map: list[int] | None = None,
                     background: bool = True) -> PixelSet:
     """As `decode`, but the images are decoded a chunk at a time when they are measured (streaming.py); only the

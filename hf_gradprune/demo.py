@@ -4,9 +4,9 @@ on real images that ship inside scikit-learn (the 8x8 digits, upscaled to 32x32)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -18,7 +18,12 @@ from .hub import Classifier
 from .triggers import TriggerSpec, make_trigger
 
 if TYPE_CHECKING:
+    from transformers import BaseImageProcessor, ConvNextImageProcessor, PretrainedConfig
+
+    from .hub import Library
     from .pipeline import JobResult
+    from .progress import ProgressCallback
+    from .triggers import Trigger
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -73,7 +78,7 @@ def write_hub_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarr
     return folder
 
 
-def poison(x: np.ndarray, y: np.ndarray, rate: float, target: int, stamp: Callable,
+def poison(x: np.ndarray, y: np.ndarray, rate: float, target: int, stamp: Trigger,
            seed: int) -> tuple[np.ndarray, np.ndarray]:
     """All-to-one poisoning: a seeded `rate` share of the training set gets the trigger and the target label."""
     rng = np.random.default_rng(seed)
@@ -106,7 +111,7 @@ BatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Te
 
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 0.05,
                      batch_size: int = 64, seed: int = 0, augment: bool = False, flip: bool = True,
-                     schedule: str = "onecycle", batch_fn: BatchFn | None = None,
+                     schedule: Literal["onecycle", "cosine"] = "onecycle", batch_fn: BatchFn | None = None,
                      on_epoch: Callable[[int], None] | None = None) -> nn.Module:
     """SGD (momentum 0.9, wd 5e-4) on uint8 HWC images (the Classifier wrapper normalises).
 
@@ -142,8 +147,8 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int
     return model.eval()
 
 
-def timm_classifier(arch: str, label_names: list[str], size: int = 32, mean=MEAN, std=STD, seed: int = 0,
-                    **model_args) -> Classifier:
+def timm_classifier(arch: str, label_names: list[str], size: int = 32, mean: Sequence[float] = MEAN,
+                    std: Sequence[float] = STD, seed: int = 0, **model_args: Any) -> Classifier:
     """A timm model whose pretrained_cfg says what it was trained at (input size, mean/std, labels)."""
     import timm
     torch.manual_seed(seed)
@@ -155,7 +160,7 @@ def timm_classifier(arch: str, label_names: list[str], size: int = 32, mean=MEAN
     return Classifier(net, "timm", 1 / 255, mean, std)
 
 
-def resnet_args(channels) -> dict:
+def resnet_args(channels: Sequence[int]) -> dict[str, Any]:
     return {"channels": list(channels), "stem_width": channels[0]}
 
 
@@ -167,7 +172,8 @@ def save_timm(model: Classifier, folder: Path, model_args: dict, label_names: li
     return Path(folder)
 
 
-def transformers_digits_model(size: int = 32, seed: int = 0, config=None):
+def transformers_digits_model(size: int = 32, seed: int = 0,
+                              config: PretrainedConfig | None = None) -> tuple[Classifier, ConvNextImageProcessor]:
     from transformers import AutoModelForImageClassification, ConvNextImageProcessor, ResNetConfig
     torch.manual_seed(seed)
     cfg = config or ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
@@ -179,7 +185,7 @@ def transformers_digits_model(size: int = 32, seed: int = 0, config=None):
     return Classifier(AutoModelForImageClassification.from_config(cfg), "transformers", 1 / 255, MEAN, STD), processor
 
 
-def save_transformers(model: Classifier, processor, folder: Path) -> Path:
+def save_transformers(model: Classifier, processor: BaseImageProcessor, folder: Path) -> Path:
     model.net.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     return Path(folder)
@@ -193,9 +199,9 @@ def noise_pattern(path: Path, size: int = 32, seed: int = 0) -> Path:
     return Path(path)
 
 
-def build_backdoored_digits(folder: Path, library: str = "timm", epochs: int = 12, target: int = 0,
+def build_backdoored_digits(folder: Path, library: Library = "timm", epochs: int = 12, target: int = 0,
                             poison_rate: float = 0.1, seed: int = 0, arch: str = "resnet18",
-                            model_args: dict | None = None, config=None, lr: float = 0.05,
+                            model_args: dict | None = None, config: PretrainedConfig | None = None, lr: float = 0.05,
                             trigger: TriggerSpec | None = None, augment: bool = False,
                             more: tuple[tuple[TriggerSpec, int], ...] = (), tints: int = 1) -> dict:
     """Plant a backdoor (BadNets unless `trigger` says otherwise) in a digits classifier; write model/ and data/ in
@@ -239,7 +245,7 @@ PLANTED_ASR = 0.9  # a backdoor counts as planted when this share of triggered n
 
 
 def _plant(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, test: tuple[np.ndarray, np.ndarray],
-           backdoors: list[tuple[Callable, int]], lr: float = 0.05, max_runs: int = 3,
+           backdoors: list[tuple[Trigger, int]], lr: float = 0.05, max_runs: int = 3,
            augment: bool = False) -> tuple[list[float], int]:
     """Train until the backdoor has taken hold. BadNets on digits is learned abruptly, late in a short run, and
     whether 10 epochs get there depends on the CPU's reduction order (seen: ASR 99.7 % on 2 threads, 6.5 % on 1):
@@ -257,7 +263,8 @@ def _plant(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: in
                        f"(ASR {', '.join(f'{a:.1%}' for a in asrs)}); train longer")
 
 
-def run_demo(workdir: Path = Path("hf-gradprune-demo"), progress=None, seed: int = 0, quiet: bool = False) -> JobResult:
+def run_demo(workdir: Path = Path("hf-gradprune-demo"), progress: ProgressCallback | None = None, seed: int = 0,
+             quiet: bool = False) -> JobResult:
     """Plant a backdoor, then remove it with the main job, all offline."""
     from .pipeline import JobConfig, run
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from .parallel import SINGLE, Procs, synced_batch_norm
 from .prune import accuracy_dropped
 
-AUGMENTATIONS = ("none", "crop", "crop-flip")
+Augmentation = Literal["none", "crop", "crop-flip"]
+AUGMENTATIONS: tuple[Augmentation, ...] = get_args(Augmentation)  # --augment's choices
+Schedule = Literal["constant", "cosine"]
+EpochSelect = Literal["loss", "latest_within_alpha", "unlearning_within_alpha", "unlearning"]  # TuneConfig.select
 
 
 @dataclass
@@ -34,18 +37,21 @@ class TuneConfig:
     max_steps: int | None = None  # the run (and the cosine schedule) ends after about this many optimiser steps:
     #                               ceil(max_steps / steps per epoch) epochs, at most max_epochs. Sets the length by
     #                               how far the weights move, whatever the number of classes (None: max_epochs)
-    schedule: str = "constant"  # "cosine": CosineAnnealingLR over max_epochs, as BackdoorBench's defences
-    augment: str = "none"  # "crop": random crop with zero padding of 1/8 of the side; "crop-flip": + horizontal flip
+    schedule: Schedule = "constant"  # "cosine": CosineAnnealingLR over max_epochs, as BackdoorBench's defences
+    augment: Augmentation = "none"  # "crop": random crop with zero padding of 1/8 of the side; "crop-flip":
+    #                                 + horizontal flip
     label_smoothing: float = 0.0
-    select: str = "loss"  # which epoch to keep: "loss" = the lowest clean val loss (Grad-Prune's paper recipe);
-    #                       "latest_within_alpha" = the LATEST epoch whose clean val accuracy is within alpha of the
-    #                       model's before fine-tuning, stopping after Pt epochs in a row outside it (baselines: their
-    #                       val loss is lowest at the untouched backdoored model, so "loss" would undo the defence);
-    #                       "unlearning_within_alpha" = the lowest clean val loss + val unlearning loss (CE of the
-    #                       triggered twins against their true labels: the training objective, on held-out images)
-    #                       among epochs within alpha (needs the triggered val twins);
-    #                       "unlearning" = the same objective with no accuracy bound (the validation split, 1 image
-    #                       per class at SPC 10, is then never what vetoes an epoch: distillation holds accuracy)
+    select: EpochSelect = "loss"  # which epoch to keep: "loss" = the lowest clean val loss (Grad-Prune's paper
+    #                               recipe); "latest_within_alpha" = the LATEST epoch whose clean val accuracy is
+    #                               within alpha of the model's before fine-tuning, stopping after Pt epochs in a row
+    #                               outside it (baselines: their val loss is lowest at the untouched backdoored
+    #                               model, so "loss" would undo the defence);
+    #                               "unlearning_within_alpha" = the lowest clean val loss + val unlearning loss (CE
+    #                               of the triggered twins against their true labels: the training objective, on
+    #                               held-out images) among epochs within alpha (needs the triggered val twins);
+    #                               "unlearning" = the same objective with no accuracy bound (the validation split,
+    #                               1 image per class at SPC 10, is then never what vetoes an epoch: distillation
+    #                               holds accuracy)
     alpha: float = 0.10
     distill: float = 0.0  # weight of KL(soft target || model) where the method gives per-row soft targets (Grad-Prune:
     #                       the original model's output on the CLEAN image, for the clean image and its twin alike)
@@ -70,6 +76,7 @@ class KeepsMask(Protocol):
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+MakeOptimizer = Callable[[list[nn.Parameter], TuneConfig], torch.optim.Optimizer]
 
 
 @torch.no_grad()
@@ -92,7 +99,7 @@ def probabilities(model: nn.Module, pixels: torch.Tensor, batch_size: int = 256)
     return torch.cat([F.softmax(model(pixels[s:s + batch_size]), 1) for s in range(0, len(pixels), batch_size)])
 
 
-def augment(pixels: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+def augment(pixels: torch.Tensor, mode: Augmentation, gen: torch.Generator) -> torch.Tensor:
     """Random crop (zero padding 1/8 of the side, 4 px at 32x32) and horizontal flip on uint8 batches, on the device,
     drawn from a seeded CPU generator so runs repeat exactly."""
     if mode == "none":
@@ -112,7 +119,7 @@ def augment(pixels: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tens
 def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_pixels: torch.Tensor,
              val_labels: torch.Tensor, cfg: TuneConfig, keep: KeepsMask | None, seed: int,
              on_epoch: Callable[[int, float], None] | None = None, loss_fn: LossFn | None = None,
-             make_optimizer: Callable[[list[nn.Parameter], TuneConfig], torch.optim.Optimizer] | None = None,
+             make_optimizer: MakeOptimizer | None = None,
              reference_correct: int | None = None, procs: Procs = SINGLE,
              val_triggered: torch.Tensor | None = None, soft_targets: torch.Tensor | None = None,
              chunk_size: int = 256) -> TuneResult:
@@ -127,12 +134,12 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
     of each (data-parallel through `accelerator.prepare`, batch norm over the global batch); the loss is scaled so
     that the averaged gradient is the global batch's mean, as on one process."""
     if loss_fn is None and soft_targets is not None:
-        def loss_fn(m, x, y, target):
+        def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             logits = m(x)
             return (cfg.hard_labels * F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                     + cfg.distill * F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean"))
     elif loss_fn is None:
-        def loss_fn(m, x, y):
+        def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (make_optimizer or _sgd)(params, cfg)
@@ -176,7 +183,8 @@ def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_p
                 x, y, scale = x[part], y[part], len(y[part]) * procs.world / len(idx)
                 extra = () if soft_targets is None else (soft_targets[idx][part],)
 
-                def closure(x=x, y=y, extra=extra, scale=scale):  # this step's batch
+                def closure(x: torch.Tensor = x, y: torch.Tensor = y, extra: tuple[torch.Tensor, ...] = extra,
+                            scale: float = scale) -> torch.Tensor:  # this step's batch
                     train_opt.zero_grad(set_to_none=True)
                     if len(y) <= chunk:
                         loss = loss_fn(train_model, x, y, *extra)
@@ -232,7 +240,7 @@ def run_epochs(cfg: TuneConfig, n_rows: int) -> int:
     return min(cfg.max_epochs, max(1, math.ceil(cfg.max_steps / per_epoch)))
 
 
-def _prepare(model: nn.Module, opt: torch.optim.Optimizer, procs: Procs):
+def _prepare(model: nn.Module, opt: torch.optim.Optimizer, procs: Procs) -> tuple[nn.Module, torch.optim.Optimizer]:
     """DDP and mixed precision come from accelerate; one plain process trains the model as it is."""
     return procs.accelerator.prepare(model, opt) if procs.wraps else (model, opt)
 
@@ -245,7 +253,7 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
-def _no_sync(model: nn.Module, procs: Procs, skip: bool):
+def _no_sync(model: nn.Module, procs: Procs, skip: bool) -> contextlib.AbstractContextManager[None]:
     """Across processes, gradients are averaged once per step, after its last chunk."""
     return procs.accelerator.no_sync(model) if skip and procs.world > 1 else contextlib.nullcontext()
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,12 +26,14 @@ SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model.pth", "model.pth")
 LOCAL_FILE = "gradprune_local.json"  # this machine's paths, for reruns here: never uploaded (push_folder skips it)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack")
+Library = Literal["timm", "transformers"]  # the checkpoint layouts this module loads and saves
 
 
 class Classifier(nn.Module):
     """uint8 pixels (N, 3, H, W) in, logits out: normalisation runs on the device, inside the model."""
 
-    def __init__(self, net: nn.Module, library: str, scale: float, mean, std):
+    def __init__(self, net: nn.Module, library: Library, scale: float, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
         super().__init__()
         self.net = net
         self.library = library
@@ -52,7 +55,7 @@ class Classifier(nn.Module):
 @dataclass
 class LoadedModel:
     model: Classifier
-    library: str  # "timm" | "transformers"
+    library: Library
     source: str  # what the user gave: Hub id or folder
     revision: str | None  # resolved commit for Hub ids
     local_dir: Path
@@ -111,7 +114,7 @@ def _read_config(local: Path, source: str) -> dict:
         raise UserError(f"MODEL {source}: config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def detect_library(cfg: dict, source: str) -> str:
+def detect_library(cfg: dict, source: str) -> Library:
     if "architecture" in cfg:
         return "timm"
     if "model_type" in cfg:
@@ -140,7 +143,8 @@ def load_model(source: str, revision: str | None = None, allow_pickle: bool = Fa
     return loader(local, cfg, source, resolved, allow_pickle, trust_remote_code)
 
 
-def _load_timm(local, cfg, source, revision, allow_pickle, trust_remote_code) -> LoadedModel:
+def _load_timm(local: Path, cfg: dict, source: str, revision: str | None, allow_pickle: bool,
+               trust_remote_code: bool) -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
     try:
@@ -179,7 +183,8 @@ def _read_state_dict(local: Path, source: str, allow_pickle: bool) -> dict:
     raise UserError(f"MODEL {source}: no loadable weights file")
 
 
-def _load_transformers(local, cfg, source, revision, allow_pickle, trust_remote_code) -> LoadedModel:
+def _load_transformers(local: Path, cfg: dict, source: str, revision: str | None, allow_pickle: bool,
+                       trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -261,7 +266,7 @@ def default_repo_id(name: str, token: str | None) -> str:
 class PushFailed(Exception):
     """An upload that did not complete; `revision` is the PR ref already opened, to retry into."""
 
-    def __init__(self, cause: BaseException, revision: str | None):
+    def __init__(self, cause: BaseException, revision: str | None) -> None:
         super().__init__(str(cause))
         self.cause, self.revision = cause, revision
 

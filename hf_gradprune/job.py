@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,12 @@ from .prune import PruneConfig
 from .recipes import DEFAULT_RECIPE, recipe_configs
 from .synth import ScanConfig, ScanResult
 from .triggers import UNKNOWN, TriggerSpec
+
+if TYPE_CHECKING:
+    from .memory import Auto
+    from .methods import Method  # methods/ imports this module: a run-time import would be a cycle
+    from .parallel import MixedPrecision
+    from .recipes import Recipe
 
 
 def _baseline_tune() -> TuneConfig:
@@ -67,18 +74,18 @@ class JobConfig:
     trigger: TriggerSpec = field(default_factory=TriggerSpec)
     backdoor_data: str | None = None  # the defender's own triggered copies, row-aligned with --data
     target: str = "auto"
-    method: str = "gradprune"  # or a baseline: ft, fp, nad, clp, ftsam, anp (see methods/)
-    recipe: str = DEFAULT_RECIPE  # Grad-Prune's recipe (recipes.py): "robust" (default) or "paper"
+    method: Method = "gradprune"  # or a baseline: ft, fp, nad, clp, ftsam, anp (see methods/)
+    recipe: Recipe = DEFAULT_RECIPE  # Grad-Prune's recipe (recipes.py): "robust" (default) or "paper"
     prune: PruneConfig | None = None  # Grad-Prune (default: the recipe's); alpha also bounds FP's and ANP's sweeps
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     tune: TuneConfig | None = None  # Grad-Prune's fine-tuning (default: the recipe's)
-    batch_size: int | str = "auto"  # images per forward + backward (memory.py): "auto" fits it to max_memory
+    batch_size: int | Auto = "auto"  # images per forward + backward (memory.py): "auto" fits it to max_memory
     max_memory: int | None = None  # bytes one batch's activations may take (default: memory.memory_budget)
     allow_pickle: bool = False
     trust_remote_code: bool = False
     overwrite: bool = False
     device: str | None = None  # default: accelerate's choice (GPU when there is one); one process only
-    mixed_precision: str | None = None  # "no" | "fp16" | "bf16" for fine-tuning; default: accelerate's config
+    mixed_precision: MixedPrecision | None = None  # for fine-tuning; default: accelerate's config
     repo_id: str | None = None  # where the card says the model lives, when it is pushed
     command: str | None = None  # the command as published in the card: token removed, paths by name (config.py)
     source_id: str | None = None  # the Hub repo a local MODEL folder lives at (--source-id): the card's base_model
@@ -88,7 +95,7 @@ class JobConfig:
     force: bool = False  # --trigger unknown: defend even when the scan finds no backdoor
     scan: ScanConfig = field(default_factory=ScanConfig)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         prune, tune = recipe_configs(self.recipe, train_per_class(self.spc, self.val_ratio), self.synthesises)
         self.prune = self.prune or prune
         self.tune = self.tune or tune

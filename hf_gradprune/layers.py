@@ -4,12 +4,16 @@ from the forward pass, never from a hand-copied architecture."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError
 from .hub import LoadedModel
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 
 def classifier_layer(loaded: LoadedModel) -> tuple[str, nn.Module]:
@@ -26,7 +30,7 @@ def classifier_layer(loaded: LoadedModel) -> tuple[str, nn.Module]:
     return names[id(head)], head
 
 
-def _is_head(m, num_classes: int) -> bool:
+def _is_head(m: nn.Module | None, num_classes: int) -> bool:
     if isinstance(m, nn.Linear):
         return m.out_features == num_classes
     return isinstance(m, nn.Conv2d) and m.out_channels == num_classes and m.kernel_size == (1, 1) and m.groups == 1
@@ -37,7 +41,7 @@ def classifier_input_means(model: nn.Module, head: nn.Module, pixels: torch.Tens
     """Mean activation of each feature channel entering the classifier, over the given (clean) images."""
     total = []
 
-    def hook(mod, inp):
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
         x = inp[0]
         total.append((x.flatten(2).mean(2) if x.dim() == 4 else x).sum(0))
     h = head.register_forward_pre_hook(hook)
@@ -55,7 +59,7 @@ def stage_outputs(loaded: LoadedModel, count: int) -> Callable[[torch.Tensor], t
     `feature_info` modules, transformers' `output_hidden_states`."""
     model, net = loaded.model, loaded.net
     if loaded.library == "transformers":
-        def forward(x):
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
             out = net(pixel_values=model.normalise(x), output_hidden_states=True)
             stages = [h for h in (out.hidden_states or ()) if h.dim() in (3, 4)]
             if len(stages) < count:
@@ -71,10 +75,10 @@ def stage_outputs(loaded: LoadedModel, count: int) -> Callable[[torch.Tensor], t
                         f"NAD needs {count}")
     names = names[-count:]
 
-    def forward(x):
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         feats: list[torch.Tensor] = []
         channels_last = getattr(net, "output_fmt", "NCHW") == "NHWC"  # timm Swin's stages are (N, H, W, C)
-        def keep(mod, inp, out):
+        def keep(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             feats.append(out.permute(0, 3, 1, 2) if channels_last and out.dim() == 4 else out)
         handles = [modules[n].register_forward_hook(keep) for n in names]
         try:
@@ -86,13 +90,13 @@ def stage_outputs(loaded: LoadedModel, count: int) -> Callable[[torch.Tensor], t
     return forward
 
 
-def needs_batch_norms(loaded: LoadedModel, method: str, what: str) -> UserError:
+def needs_batch_norms(loaded: LoadedModel, method: Method, what: str) -> UserError:
     """The one-line refusal of a method that works on batch-norm channels, naming the methods that do not need them."""
     return UserError(f"MODEL {loaded.source}: {what}, which --method {method} works on; "
                      "methods for this model: gradprune, ft, fp, nad, ftsam")
 
 
-def batch_norms(loaded: LoadedModel, method: str) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+def batch_norms(loaded: LoadedModel, method: Method) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     norms = [(n, m) for n, m in loaded.net.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
     if not norms:

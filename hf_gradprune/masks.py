@@ -11,7 +11,7 @@ class ChannelMask:
     """Zeroes `param[..., index, ...]` along `dim` (e.g. dim 1 of a classifier weight = one input channel) and keeps
     the original values, so a threshold sweep can undo its last steps without copying the model."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.slices: list[tuple[nn.Parameter, int, int, torch.Tensor]] = []
 
     def __len__(self) -> int:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError
 
-AUTO = "auto"
+Auto = Literal["auto"]
+AUTO: Auto = "auto"
 CPU_BUDGET = 2 * 2**30  # bytes of activations on the CPU: a laptop's share; past ~16 images a CPU gains no speed
 GPU_SHARE = 0.6  # of the device's free memory (the optimiser, gradients and fragmentation take the rest)
 MAX_BATCH = 256  # the old fixed default; larger batches only cost memory
@@ -54,7 +56,7 @@ def parse_memory(text: str | int | None, flag: str = "--max-memory") -> int | No
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def parse_batch_size(text: str | int) -> int | str:
+def parse_batch_size(text: str | int) -> int | Auto:
     """`--batch-size`: 'auto' or a positive whole number."""
     if isinstance(text, int) or str(text).isdigit():
         value = int(text)

@@ -9,14 +9,19 @@ Full flag names only (`allow_abbrev=False`): the published command is scrubbed f
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from .finetune import AUGMENTATIONS
 from .job import BaselineConfig
 from .methods import METHODS
+from .parallel import MIXED_PRECISIONS
 from .prune import NORMALISATIONS, SCORES, PruneConfig
 from .recipes import DEFAULT_RECIPE, RECIPES, SYNTHESISED_TUNE_STEPS
-from .synth import ScanConfig
+from .synth import ROUNDS_FROM, SCAN_SELECTS, ScanConfig
 from .triggers import TRIGGER_KINDS, UNKNOWN
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -72,7 +77,7 @@ def add_scan(g: argparse._ActionsContainer) -> None:
     g.add_argument("--scan-classes", type=int, default=ScanConfig.max_classes,
                    help=f"classes synthesised for in full (default {ScanConfig.max_classes}); with more classes "
                         "--scan-select picks the suspects among them")
-    g.add_argument("--scan-select", choices=("screen", "probe"), default=ScanConfig.select,
+    g.add_argument("--scan-select", choices=SCAN_SELECTS, default=ScanConfig.select,
                    help="with more classes than --scan-classes, how the suspects are picked: screen (default; "
                         f"{ScanConfig.screen_steps} steps of every class's search on {ScanConfig.screen_batch} "
                         "images, the most promising continue; up to "
@@ -86,7 +91,7 @@ def add_synthesis(g: argparse._ActionsContainer) -> None:
                    help="--trigger unknown / --blind: synthesise -> unlearn rounds; each later round re-synthesises "
                         "the target's triggers on the defended model and unlearns them too "
                         f"(default {ScanConfig.rounds})")
-    g.add_argument("--synth-from", choices=("original", "defended"), default=ScanConfig.rounds_from,
+    g.add_argument("--synth-from", choices=ROUNDS_FROM, default=ScanConfig.rounds_from,
                    help="what each later round defends against all triggers found so far: the original model "
                         "(default; accuracy lost to unlearning does not add up) or the last round's")
     g.add_argument("--keep-flip", type=float, default=ScanConfig.keep_flip,
@@ -187,7 +192,7 @@ def add_memory(g: argparse._ActionsContainer) -> None:
 def add_runtime(g: argparse._ActionsContainer, precision: bool = True) -> None:
     g.add_argument("--device", help="torch device for a single process (default: accelerate's choice)")
     if precision:
-        g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+        g.add_argument("--mixed-precision", choices=list(MIXED_PRECISIONS),
                        help="fine-tuning precision (default: accelerate's config, else no); scoring stays fp32")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -231,7 +236,7 @@ def scan_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def parser(flags, prog: str, cls: type[argparse.ArgumentParser] = argparse.ArgumentParser,
-           **kwargs) -> argparse.ArgumentParser:
+def parser(flags: Callable[[argparse.ArgumentParser], argparse.ArgumentParser], prog: str,
+           cls: type[argparse.ArgumentParser] = argparse.ArgumentParser, **kwargs: Any) -> argparse.ArgumentParser:
     """A stand-alone parser with one command's flags (build_config's defaults and types, published_argv)."""
     return flags(cls(prog=prog, allow_abbrev=False, **kwargs))

@@ -14,12 +14,15 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+MIXED_PRECISIONS: tuple[MixedPrecision, ...] = get_args(MixedPrecision)  # --mixed-precision's choices
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Procs:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
 
-    def main_first(self):
+    def main_first(self) -> contextlib.AbstractContextManager[None]:
         """Downloads happen once: the main process fills the cache, the others then read it."""
         return self.accelerator.main_process_first() if self.world > 1 else contextlib.nullcontext()
 
@@ -118,7 +121,7 @@ def asked_processes() -> int:
     return asked
 
 
-def start(device: str | None = None, mixed_precision: str | None = None) -> Procs:
+def start(device: str | None = None, mixed_precision: MixedPrecision | None = None) -> Procs:
     """This process's share of the job, from accelerate: the launcher's processes, or one process without it.
 
     Without a GPU the processes form a real CPU (gloo) group: a plain `Accelerator()` would give each of them world

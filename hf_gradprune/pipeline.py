@@ -243,7 +243,8 @@ def _batch_choice(cfg: JobConfig, loaded: LoadedModel, example: torch.Tensor, pr
                                                              source=choice.source + ", the smallest over processes")
 
 
-def _auto_target(model, triggered: tuple[PixelSet, ...], num_classes: int, batch_size: int, device) -> int:
+def _auto_target(model: torch.nn.Module, triggered: tuple[PixelSet, ...], num_classes: int, batch_size: int,
+                 device: torch.device) -> int:
     """No --target: the class the triggered few-shot images of other classes go to most."""
     pixels = torch.cat([s.pixels for s in triggered]).to(device)
     model.to(device)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .prune import PruneResult
+
+if TYPE_CHECKING:
+    from .finetune import TuneResult
 
 
 def plot_rounds(result: PruneResult, alpha: float, path: Path) -> Path:
@@ -77,7 +81,7 @@ def plot_curve(path: Path, title: str, xlabel: str, xs: list, series: dict[str, 
     return path
 
 
-def plot_tuning(tuned, title: str, path: Path) -> Path:
+def plot_tuning(tuned: TuneResult, title: str, path: Path) -> Path:
     return plot_curve(path, title, "fine-tuning epoch", list(range(len(tuned.val_losses))),
                       {"val loss (clean)": tuned.val_losses}, ylabel="cross-entropy",
                       marker=(tuned.best_epoch, f"kept: epoch {tuned.best_epoch}"))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
+
+Stage = Literal["load", "data", "scan", "verdict", "prune", "finetune", "evaluate", "save", "done"]
 
 
 @dataclass
 class ProgressEvent:
-    stage: str  # load | data | scan | verdict | prune | finetune | evaluate | save | done
+    stage: Stage
     step: int = 0
     total: int | None = None
     message: str = ""

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,19 @@ import torch.nn.functional as F
 from .parallel import SINGLE, Procs
 from .units import Family, Part, Unit, UnitPruner, grads_only_for, unit_rows
 
+if TYPE_CHECKING:
+    from .units import UnitKind
+
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+Score = Literal["grad", "grad_x_weight"]
+SCORES: tuple[Score, ...] = get_args(Score)  # --score's choices
+Normalisation = Literal["none", "layer"]
+NORMALISATIONS: tuple[Normalisation, ...] = get_args(Normalisation)  # --score-norm's choices
+CheckOn = Literal["val", "fewshot"]
+OnBreak = Literal["stop", "skip"]
+KeepOn = Literal["unlearning", "objective"]
+StopReason = Literal["max_rounds", "accuracy", "patience", "no_units_left"]  # why gradient_prune stopped
 
 
 @dataclass
@@ -33,29 +46,26 @@ class PruneConfig:
     alpha: float = 0.10  # stop when val accuracy drops by more than this (absolute fraction)
     patience: int = 10  # Pp: stop after this many rounds without a strictly lower val unlearning loss
     max_rounds: int = 500
-    score: str = "grad"  # "grad": mean |dL/dW| (paper Eq. 3); "grad_x_weight": mean |dL/dW * W| (opt-in variant)
-    normalise: str = "none"  # "layer": divide each layer's scores by their mean (opt-in variant), so no layer
-    #                          wins just because its gradients are larger in scale
-    check_on: str = "val"  # where alpha and the kept round are measured: "val" = the validation split (paper);
-    #                        "fewshot" = the clean train + validation images and their twins. Scoring only
-    #                        back-propagates, nothing is fitted, so the train images are as unseen as the val ones,
-    #                        and at SPC 10 the bound is read off 10 images per class instead of 1
-    on_break: str = "stop"  # a round past alpha: "stop" ends pruning (paper); "skip" undoes that filter, never tries
-    #                         it again and tries the next one
+    score: Score = "grad"  # "grad": mean |dL/dW| (paper Eq. 3); "grad_x_weight": mean |dL/dW * W| (opt-in variant)
+    normalise: Normalisation = "none"  # "layer": divide each layer's scores by their mean (opt-in variant), so no
+    #                                    layer wins just because its gradients are larger in scale
+    check_on: CheckOn = "val"  # where alpha and the kept round are measured: "val" = the validation split (paper);
+    #                            "fewshot" = the clean train + validation images and their twins. Scoring only
+    #                            back-propagates, nothing is fitted, so the train images are as unseen as the val
+    #                            ones, and at SPC 10 the bound is read off 10 images per class instead of 1
+    on_break: OnBreak = "stop"  # a round past alpha: "stop" ends pruning (paper); "skip" undoes that filter, never
+    #                             tries it again and tries the next one
     max_skips: int = 10  # "skip": pruning ends ("accuracy") after this many filters in a row were undone
-    keep_on: str = "unlearning"  # what the kept round minimises (and patience waits on): "unlearning" = the unlearning
-    #                              loss (paper); "objective" = clean loss + unlearning loss, fine-tuning's objective,
-    #                              so a filter is kept only where it removes more backdoor than clean accuracy
-
-
-SCORES = ("grad", "grad_x_weight")
-NORMALISATIONS = ("none", "layer")
+    keep_on: KeepOn = "unlearning"  # what the kept round minimises (and patience waits on): "unlearning" = the
+    #                                 unlearning loss (paper); "objective" = clean loss + unlearning loss, fine-tuning's
+    #                                 objective, so a filter is kept only where it removes more backdoor than clean
+    #                                 accuracy
 
 
 @dataclass
 class PruneRound:
     round: int
-    kind: str  # the unit's kind (units.KINDS): filter, neuron, head
+    kind: UnitKind  # filter, neuron, head
     layer: str
     index: int
     score: float
@@ -70,12 +80,12 @@ class PruneRound:
 @dataclass
 class PruneResult:
     kept_rounds: int  # the best round by unlearning loss within alpha; filters pruned up to it (not undone) stay pruned
-    stop_reason: str
+    stop_reason: StopReason
     base_val_acc: float
     base_val_unlearning_loss: float
     base_val_asr: float | None
     rounds: list[PruneRound] = field(default_factory=list)  # every round tried, also those undone
-    check_on: str = "val"
+    check_on: CheckOn = "val"
     base_fewshot_acc: float | None = None
     base_fewshot_unlearning_loss: float | None = None
 
@@ -110,12 +120,12 @@ def norms_fed_by_convs(model: nn.Module, net: nn.Module, example: torch.Tensor) 
     out_channels = {name: m.out_channels for name, m in conv_layers(net)}
     for name, m in net.named_modules():
         if isinstance(m, nn.Conv2d):
-            def conv_hook(mod, inp, out, name=name):
+            def conv_hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name) -> None:
                 produced[id(out)] = name
                 alive.append(out)
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, _NORMS) and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
-            def norm_hook(mod, inp):
+            def norm_hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
                 src = produced.get(id(inp[0])) if inp else None
                 if src is not None and mod.weight.numel() == out_channels[src] \
                         and mod not in pairs.setdefault(src, []):
@@ -135,7 +145,7 @@ class FilterPruner(UnitPruner):
     affine weight and bias of the norm layer it feeds, so that channel leaves the norm as 0 rather than a constant.
     `units.find_units` is the engine's default, which keeps only filters that enter a per-channel batch norm."""
 
-    def __init__(self, model: nn.Module, net: nn.Module, example: torch.Tensor):
+    def __init__(self, model: nn.Module, net: nn.Module, example: torch.Tensor) -> None:
         self.convs = conv_layers(net)
         self.norms = norms_fed_by_convs(model, net, example)
         families = []
@@ -168,13 +178,13 @@ def unlearning_grads(model: nn.Module, weights: list[torch.Tensor], triggered: t
     return grads
 
 
-def _normalised(scores: torch.Tensor, normalise: str) -> torch.Tensor:
+def _normalised(scores: torch.Tensor, normalise: Normalisation) -> torch.Tensor:
     """normalise "layer": a layer's scores over their mean, so no layer wins by the scale of its gradients alone."""
     return scores / scores.mean().clamp_min(torch.finfo(scores.dtype).tiny) if normalise == "layer" else scores
 
 
 def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggered: torch.Tensor,
-                  labels: torch.Tensor, batch_size: int, score: str = "grad", normalise: str = "none",
+                  labels: torch.Tensor, batch_size: int, score: Score = "grad", normalise: Normalisation = "none",
                   procs: Procs = SINGLE) -> torch.Tensor:
     """Paper Eq. 3: mean |d unlearning_loss / d W_l[i]| over each filter's weights, all layers concatenated.
     `score` and `normalise` select the opt-in variants of PruneConfig."""
@@ -187,7 +197,7 @@ def filter_scores(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], triggere
 
 
 def unit_scores(model: nn.Module, pruner: UnitPruner, triggered: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                score: str = "grad", normalise: str = "none", procs: Procs = SINGLE) -> torch.Tensor:
+                score: Score = "grad", normalise: Normalisation = "none", procs: Procs = SINGLE) -> torch.Tensor:
     """Paper Eq. 3 for every unit kind: mean |d unlearning_loss / dW| over the unit's producer weights (a conv
     filter, an MLP neuron's producer row, a head's query / key / value rows), all families concatenated. On a CNN
     it gives filter_scores' numbers."""

@@ -9,12 +9,14 @@ docs/method.md.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 from .errors import UserError
 from .finetune import TuneConfig
 from .prune import PruneConfig
 
-DEFAULT_RECIPE = "robust"
+Recipe = Literal["robust", "paper"]  # keep equal to RECIPES' keys
+DEFAULT_RECIPE: Recipe = "robust"
 # the robust recipe against a SYNTHESISED trigger (--trigger unknown, --blind) fine-tunes for about this many optimiser
 # steps per round (cosine over them), not 100 epochs: an epoch of GTSRB's 43 classes is 7 steps at SPC 10 against
 # CIFAR-10's 2, and 700 steps at lr 0.001 on 387 images cost GTSRB 5-7 points of accuracy for no less ASR. Measured on
@@ -22,7 +24,7 @@ DEFAULT_RECIPE = "robust"
 SYNTHESISED_TUNE_STEPS = 80
 
 # name -> (one line for the card and the report, pruning changes, fine-tuning changes)
-RECIPES: dict[str, tuple[str, dict, dict]] = {
+RECIPES: dict[Recipe, tuple[str, dict, dict]] = {
     "robust": ("no pruning at 5 or more training images per class (after this fine-tuning, pruning measured as "
                "costing clean accuracy and removing no more of the backdoor); below that (SPC 2-5) up to 500 rounds "
                "of pruning with the accuracy bound on all clean few-shot images and a filter that breaks it restored "
@@ -50,7 +52,7 @@ PRUNE_BELOW = 5
 ROBUST_PRUNING_ROUNDS = 500
 
 
-def recipe_configs(name: str, train_per_class: int | None = None,
+def recipe_configs(name: Recipe, train_per_class: int | None = None,
                    synthesised: bool = False) -> tuple[PruneConfig, TuneConfig]:
     """The pruning and fine-tuning configuration of a recipe, for a job with `train_per_class` few-shot training
     images per class (None: as at SPC 10); `synthesised`: the defence stamps a synthesised trigger."""
@@ -65,5 +67,5 @@ def recipe_configs(name: str, train_per_class: int | None = None,
     return prune, replace(TuneConfig(), **tune)
 
 
-def describe(name: str) -> str:
+def describe(name: Recipe) -> str:
     return RECIPES[name][0]

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from PIL import Image
 
 Stamp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,8 +33,9 @@ Stamp = Callable[[torch.Tensor], torch.Tensor]
 class _Decoder:
     """The rows of one split, decoded on demand through the model's preprocessing; one chunk kept, one prefetched."""
 
-    def __init__(self, split, rows: list[int], image_column: str, to_pixels: Callable, background: bool = True,
-                 workers: int | None = None):
+    def __init__(self, split: Dataset, rows: list[int], image_column: str,
+                 to_pixels: Callable[[list[Image.Image]], np.ndarray], background: bool = True,
+                 workers: int | None = None) -> None:
         self.split, self.rows, self.image_column, self.to_pixels = (split, np.asarray(rows, dtype=np.int64),
                                                                     image_column, to_pixels)
         self.background = background  # decode the next chunk ahead, the parts of a chunk in parallel threads
@@ -41,7 +47,7 @@ class _Decoder:
             if self.workers > 1 else None
         self._lock = threading.Lock()
         self._last: tuple[tuple[int, int], torch.Tensor] | None = None
-        self._next: tuple[tuple[int, int], Future] | None = None
+        self._next: tuple[tuple[int, int], Future[torch.Tensor]] | None = None
         self._prev_start: int | None = None
         self.decoded_images = 0  # how many images were decoded (a streamed set decodes each once per pass)
 
@@ -88,11 +94,12 @@ class StreamedImages:
     """Looks like a uint8 (N, 3, H, W) tensor to the evaluation code: `len`, slices, an index or a list of indices.
     `stamped(trigger)` is the triggered twin over the same decoded chunks."""
 
-    def __init__(self, decoder: _Decoder, stamp: Stamp | None = None):
+    def __init__(self, decoder: _Decoder, stamp: Stamp | None = None) -> None:
         self.decoder, self.stamp = decoder, stamp
 
     @classmethod
-    def from_rows(cls, split, rows: list[int], image_column: str, to_pixels: Callable, background: bool = True,
+    def from_rows(cls, split: Dataset, rows: list[int], image_column: str,
+                  to_pixels: Callable[[list[Image.Image]], np.ndarray], background: bool = True,
                   workers: int | None = None) -> StreamedImages:
         return cls(_Decoder(split, rows, image_column, to_pixels, background, workers))
 
@@ -106,7 +113,7 @@ class StreamedImages:
     def _out(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.stamp(pixels) if self.stamp is not None and len(pixels) else pixels
 
-    def __getitem__(self, index) -> torch.Tensor:
+    def __getitem__(self, index: int | np.integer | slice | torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
         n = len(self)
         if isinstance(index, slice):
             start, end, step = index.indices(n)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -37,7 +38,12 @@ from PIL import Image
 from .progress import ProgressCallback, ProgressEvent
 from .units import grads_only_for
 
-FAMILIES = ("patch", "blend")
+TriggerFamily = Literal["patch", "blend"]
+FAMILIES: tuple[TriggerFamily, ...] = get_args(TriggerFamily)
+ScanSelect = Literal["screen", "probe"]
+SCAN_SELECTS: tuple[ScanSelect, ...] = get_args(ScanSelect)  # --scan-select's choices
+RoundsFrom = Literal["original", "defended"]
+ROUNDS_FROM: tuple[RoundsFrom, ...] = get_args(RoundsFrom)  # --synth-from's choices
 # the share of the fine-tuning's weight change that a pull-back keeps, tried in this order: the first that lets a
 # synthesised trigger back in ends the search (flips need not fall monotonically with the share)
 PULL_BACK_SHARES = (0.9, 0.75, 0.6, 0.5)
@@ -56,8 +62,9 @@ class ScanConfig:
     max_classes: int = 10  # classes scanned in full; above it, `select` picks which
     candidates: int = 3  # of those, the most promising by the screen or the probe (the rest: seeded reference classes)
     probe_steps: int = 60
-    select: str = "screen"  # above max_classes, how candidates are chosen: "screen" (a short targeted synthesis for
-    # every class, up to screen_classes; the most promising continue) or "probe" (one untargeted trigger per family)
+    select: ScanSelect = "screen"  # above max_classes, how candidates are chosen: "screen" (a short targeted
+    # synthesis for every class, up to screen_classes; the most promising continue) or "probe" (one untargeted trigger
+    # per family)
     screen_steps: int = 15  # screen: Adam steps per class and family before the candidates are chosen
     screen_batch: int = 16  # screen: few-shot images per step (a quarter of batch_size: the ranking needs the steps
     # more than the images; docs/decisions.md)
@@ -70,8 +77,8 @@ class ScanConfig:
     seed: int = 0
     rounds: int = 3  # synthesise -> unlearn rounds; later ones re-synthesise the target's triggers on the
     # defended model
-    rounds_from: str = "original"  # what each later round defends: the "original" model (with every trigger found
-    # so far) or the "defended" one (unlearning on unlearning, which costs accuracy each round)
+    rounds_from: RoundsFrom = "original"  # what each later round defends: the "original" model (with every trigger
+    # found so far) or the "defended" one (unlearning on unlearning, which costs accuracy each round)
     keep_flip: float | None = 0.1  # after the last round the weights are pulled back toward the original model, keeping
     # the smallest of PULL_BACK_SHARES at which no synthesised trigger sends more than this share of the other classes'
     # few-shot images to the target (None: keep the defended weights)
@@ -80,7 +87,7 @@ class ScanConfig:
 @dataclass
 class Synthesised:
     """One synthesised trigger, stampable like a real one: uint8 pixels in, uint8 pixels out."""
-    family: str
+    family: TriggerFamily
     target: int
     mask: torch.Tensor  # (1, H, W) in [0, 1]; a blend: (1, 1, 1)
     pattern: torch.Tensor  # (3, H, W) in pixel units [0, 255]
@@ -116,17 +123,17 @@ class ScanResult:
     target: int | None  # the suspected target (None when clean)
     best_class: int  # the class with the highest anomaly index, backdoored or not
     anomaly: float  # the verdict's evidence: the highest anomaly index over classes and families
-    family: str  # the family whose trigger gave it
+    family: TriggerFamily  # the family whose trigger gave it
     scanned: list[int]  # the classes synthesised for
     per_class: list[dict]  # per scanned class: sizes, flips, anomaly indices per family
-    triggers: dict[str, Synthesised]  # family -> the trigger synthesised for best_class
+    triggers: dict[TriggerFamily, Synthesised]  # family -> the trigger synthesised for best_class
     probe: dict | None  # above max_classes, how the scanned classes were chosen: the probe's hit counts or the
     # screen's promise per class
     config: dict
     timing_s: dict = field(default_factory=dict)
     suspects: list[int] = field(default_factory=list)  # the target, then every class above the threshold with at least
     # config["also_share"] of its index, most anomalous first
-    suspect_triggers: dict[int, dict[str, Synthesised]] = field(default_factory=dict)  # per defence target
+    suspect_triggers: dict[int, dict[TriggerFamily, Synthesised]] = field(default_factory=dict)  # per defence target
 
     @property
     def defence_target(self) -> int:
@@ -170,7 +177,7 @@ class ScanResult:
                 "config": self.config, "timing_s": self.timing_s}
 
 
-def _params(family: str, shape: tuple[int, int], gen: torch.Generator, device,
+def _params(family: TriggerFamily, shape: tuple[int, int], gen: torch.Generator, device: torch.device,
             mask_init_logit: float = -2.0) -> tuple[torch.Tensor, torch.Tensor]:
     h, w = shape
     mask_shape = (1, h, w) if family == "patch" else (1, 1, 1)
@@ -210,7 +217,7 @@ def _step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, mask_logit: t
 class _Search:
     """One (class, family) trigger search in progress: screening runs a few steps of every class's search and
     continues only the promising ones, from where they stopped."""
-    family: str
+    family: TriggerFamily
     target: int
     mask_logit: torch.Tensor
     pattern_logit: torch.Tensor
@@ -226,7 +233,7 @@ class _Search:
         return self.best[0] if self.best is not None else 2.0 - self.best_flip
 
 
-def _start(pixels: torch.Tensor, labels: torch.Tensor, target: int, family: str, cfg: ScanConfig,
+def _start(pixels: torch.Tensor, labels: torch.Tensor, target: int, family: TriggerFamily, cfg: ScanConfig,
            gen: torch.Generator) -> _Search:
     mask_logit, pattern_logit = _params(family, tuple(pixels.shape[2:]), gen, pixels.device, cfg.mask_init_logit)
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=cfg.lr, betas=(0.5, 0.9))
@@ -270,7 +277,7 @@ def _found(search: _Search) -> Synthesised:
                        255 * torch.sigmoid(pattern_logit).cpu(), size, flip)
 
 
-def synthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, target: int, family: str,
+def synthesise(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, target: int, family: TriggerFamily,
                cfg: ScanConfig, gen: torch.Generator) -> Synthesised:
     """The smallest trigger of `family` that sends cfg.flip of the images of other classes to `target`."""
     return _found(_advance(model, _start(pixels, labels, target, family, cfg, gen), pixels, labels, cfg.steps, cfg,
@@ -315,7 +322,7 @@ def anomaly_index(sizes: list[float], min_spread: float = MIN_SPREAD) -> list[fl
     return [float((med - v) / mad) for v in logs]
 
 
-def how_chosen(num_classes: int, cfg: ScanConfig) -> str:
+def how_chosen(num_classes: int, cfg: ScanConfig) -> ScanSelect | Literal["all"]:
     """How the classes scanned in full are chosen: "all" of them (up to max_classes), by the "screen" (up to
     screen_classes) or by the "probe"."""
     if num_classes <= cfg.max_classes:
@@ -370,7 +377,7 @@ def scan(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, num_class
             ranked, selection = torch.argsort(hits, descending=True, stable=True).tolist(), {"hits": hits.tolist()}
         t_probe = time.perf_counter() - t0
         classes = scan_classes(num_classes, cfg, ranked, target)
-        found: dict[int, dict[str, Synthesised]] = {}
+        found: dict[int, dict[TriggerFamily, Synthesised]] = {}
         total = len(classes) * len(FAMILIES)
         emit(ProgressEvent("scan", step=0, total=total))
         for i, c in enumerate(classes):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -20,13 +21,15 @@ from .errors import UserError
 from .names import file_label, file_ref
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]
-TRIGGER_KINDS = ("badnet", "patch", "blended", "bpp", "additive")
-UNKNOWN = "unknown"  # --trigger unknown: synthesised from the few-shot images (synth.py)
+TriggerKind = Literal["badnet", "patch", "blended", "bpp", "additive"]
+TRIGGER_KINDS: tuple[TriggerKind, ...] = get_args(TriggerKind)
+Unknown = Literal["unknown"]
+UNKNOWN: Unknown = "unknown"  # --trigger unknown: synthesised from the few-shot images (synth.py)
 
 
 @dataclass
 class TriggerSpec:
-    kind: str = "badnet"
+    kind: TriggerKind | Unknown = "badnet"
     image: str | None = None  # patch / blended: an image file; additive: a .npy perturbation in pixel units
     mask: str | None = None  # patch: mask image, 255 = trigger pixel
     alpha: float = 0.2  # blended: x' = (1 - alpha) x + alpha t
@@ -61,7 +64,7 @@ def badnet_patch_size(size: tuple[int, int]) -> int:
     return max(1, round(3 * min(size) / 32))
 
 
-def _read_image(path: str, size: tuple[int, int], flag: str, mode: str, resample) -> np.ndarray:
+def _read_image(path: str, size: tuple[int, int], flag: str, mode: str, resample: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = img.convert(mode).resize((size[1], size[0]), resample)

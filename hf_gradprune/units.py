@@ -20,21 +20,27 @@ import contextlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 
-KINDS = {"filter": "conv filters (output channels, with the batch-norm channel they feed)",
-         "neuron": "MLP hidden neurons (producer row + consumer column)",
-         "head": "attention heads (query / key / value rows + output-projection columns)",
-         "feature": "input channels of the classifier",
-         "channel": "batch-norm channels"}
+if TYPE_CHECKING:
+    from .prune import Score  # prune.py imports this module: a run-time import would be a cycle
+
+UnitKind = Literal["filter", "neuron", "head", "feature", "channel"]  # keep equal to KINDS' keys
+KINDS: dict[UnitKind, str] = {
+    "filter": "conv filters (output channels, with the batch-norm channel they feed)",
+    "neuron": "MLP hidden neurons (producer row + consumer column)",
+    "head": "attention heads (query / key / value rows + output-projection columns)",
+    "feature": "input channels of the classifier",
+    "channel": "batch-norm channels"}
 
 
 @dataclass(frozen=True)
 class Unit:
     """What a defence changed: one unit of one layer, and why (its score under the method's criterion)."""
-    kind: str  # a key of KINDS
+    kind: UnitKind
     layer: str  # the module that names it: the conv, the MLP's producer, the attention module, the norm
     index: int
     score: float
@@ -80,12 +86,12 @@ class Part:
 @dataclass
 class Family:
     """All units of one kind in one layer."""
-    kind: str
+    kind: UnitKind
     layer: str
     count: int
     parts: list[Part] = field(default_factory=list)
 
-    def scores(self, grads: dict[int, torch.Tensor], score: str) -> torch.Tensor:
+    def scores(self, grads: dict[int, torch.Tensor], score: Score) -> torch.Tensor:
         """Mean |dL/dW| (or |dL/dW * W|) over each unit's scored producer weights: paper Eq. 3 for a conv filter."""
         picked = []
         for p in (p for p in self.parts if p.scored):
@@ -131,7 +137,7 @@ def _trace(model: nn.Module, net: nn.Module, example: torch.Tensor) -> tuple[lis
     handles = []
     for name, m in net.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            def hook(mod, inp, out, name=name):
+            def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name) -> None:
                 if name not in order:
                     order.append(name)
                 if isinstance(mod, nn.Conv2d):
@@ -139,7 +145,7 @@ def _trace(model: nn.Module, net: nn.Module, example: torch.Tensor) -> tuple[lis
                     alive.append(out)
             handles.append(m.register_forward_hook(hook))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-            def norm_hook(mod, inp):
+            def norm_hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
                 src = produced.get(id(inp[0])) if inp else None
                 if src is not None and mod not in norms.setdefault(src, []):
                     norms[src].append(mod)
@@ -342,7 +348,7 @@ class UnitPruner:
     """Zeroes whole units (both sides), restores them exactly when a round is undone, and keeps them at zero after
     every optimiser step. Units are numbered flat across families, in family order."""
 
-    def __init__(self, families: list[Family]):
+    def __init__(self, families: list[Family]) -> None:
         self.families = families
         self.offsets = [0]
         for fam in families:
@@ -392,7 +398,7 @@ class UnitPruner:
             for p in self.families[fam_idx].parts:
                 p.param.index_fill_(p.dim, p.index[k].to(p.param.device), 0)
 
-    def pruned_mask(self, device) -> torch.Tensor:
+    def pruned_mask(self, device: torch.device) -> torch.Tensor:
         mask = torch.zeros(self.num_units, dtype=torch.bool, device=device)
         for fam_idx, k in self.pruned:
             mask[self.offsets[fam_idx] + k] = True

@@ -7,9 +7,15 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..units import count_kinds
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+    from ..progress import ProgressEvent, Stage
 
 EXIT_BACKDOORED, EXIT_USER, EXIT_PUSH = 1, 2, 3  # scan --fail-if-backdoored found one; bad input; upload failed
 
@@ -17,11 +23,11 @@ EXIT_BACKDOORED, EXIT_USER, EXIT_PUSH = 1, 2, 3  # scan --fail-if-backdoored fou
 class TqdmProgress:
     """Progress events -> one tqdm bar per stage, on stderr."""
 
-    def __init__(self):
-        self.bar = None
-        self.stage = None
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.stage: Stage | None = None
 
-    def __call__(self, event) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         from tqdm.auto import tqdm
         units = {"prune": "round", "finetune": "epoch", "scan": "trigger"}
         if event.stage != self.stage:

@@ -11,13 +11,15 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..finetune import TuneResult
 from ..job import JobConfig, Prepared
 from ..progress import ProgressCallback
 
+Method = Literal["gradprune", "ft", "fp", "nad", "clp", "ftsam", "anp"]  # keep equal to METHODS' keys
 # name -> (title, one line on what it does, reference)
-METHODS: dict[str, tuple[str, str, str]] = {
+METHODS: dict[Method, tuple[str, str, str]] = {
     "gradprune": ("Grad-Prune", "unlearning the trigger through the unlearning loss (triggered images against their "
                   "true labels): gradient-based pruning of conv filters and fine-tuning, as the recipe below says",
                   "Dunnett et al., Unlearning Backdoor Attacks through Gradient-Based Model Pruning, 2024"),
@@ -47,7 +49,7 @@ class Defence:
     plot: Callable[[Path], object] | None = None
 
 
-def defend(method: str, job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
+def defend(method: Method, job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     """Run one defence; `pipeline.run` has already checked the name, before anything was loaded."""
     return importlib.import_module(f".{method}", __name__).defend(job, cfg, emit)
 

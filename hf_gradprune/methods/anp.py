@@ -11,6 +11,7 @@ norm's running statistics with those of a handful of images)."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,17 @@ from ..units import Unit, grads_only_for
 from . import Defence
 from .fp import val_correct
 
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from ..job import JobConfig, Prepared
+    from ..progress import ProgressCallback
+
 
 class Perturbation:
     """Per-channel mask m and noises (d, x) on a norm's affine output: y = (w (m + d)) x_hat + b (1 + x)."""
 
-    def __init__(self, norm):
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm) -> None:
         c, dev = norm.num_features, norm.weight.device
         self.mask = torch.ones(c, device=dev, requires_grad=True)
         self.noise_w = torch.zeros(c, device=dev, requires_grad=True)
@@ -36,7 +43,8 @@ class Perturbation:
         self.perturbed = False
         self.handle = norm.register_forward_hook(self.hook)
 
-    def hook(self, mod, inp, out):
+    def hook(self, mod: nn.modules.batchnorm._BatchNorm, inp: tuple[torch.Tensor, ...],
+             out: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (out.dim() - 2)
         bias = mod.bias.view(shape)
         coeff_w = self.mask + self.noise_w if self.perturbed else self.mask
@@ -44,7 +52,7 @@ class Perturbation:
         return (out - bias) * coeff_w.view(shape) + bias * coeff_b.view(shape)
 
 
-def defend(job, cfg, emit) -> Defence:
+def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     b, model, t = cfg.baseline, job.loaded.model, job.tensors
     norms = batch_norms(job.loaded, "anp")
     start = time.perf_counter()

@@ -6,6 +6,7 @@ blank input), not the next one in module order. No image of the dataset is used.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,16 +17,22 @@ from ..prune import FilterPruner
 from ..units import Unit
 from . import Defence
 
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from ..job import JobConfig, Prepared
+    from ..progress import ProgressCallback
+
 
 @torch.no_grad()
-def channel_lipschitz(conv, norm) -> torch.Tensor:
+def channel_lipschitz(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     scale = (norm.weight / (norm.running_var + norm.eps).sqrt()).abs()
     w = conv.weight.flatten(1) * scale[:, None]
     rows = conv.weight.shape[1]  # one (in/groups, kh*kw) matrix per output channel
     return torch.linalg.matrix_norm(w.view(len(w), rows, -1).float(), ord=2)
 
 
-def defend(job, cfg, emit) -> Defence:
+def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     model = job.loaded.model
     start = time.perf_counter()
     blank = torch.zeros_like(job.tensors["train"][:1])  # shapes only: the trace needs an input, not data

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 from ..finetune import val_loss_acc
 from ..layers import classifier_input_means, classifier_layer
@@ -20,13 +21,19 @@ from ..units import Unit
 from . import Defence
 from .ft import tune_clean
 
+if TYPE_CHECKING:
+    import torch.nn as nn
 
-def val_correct(model, job, batch_size: int) -> int:
+    from ..job import JobConfig, Prepared
+    from ..progress import ProgressCallback
+
+
+def val_correct(model: nn.Module, job: Prepared, batch_size: int) -> int:
     t = job.tensors
     return val_loss_acc(model, t["val"], t["val_y"], batch_size, job.procs)[1]
 
 
-def defend(job, cfg, emit) -> Defence:
+def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     model, t = job.loaded.model, job.tensors
     start = time.perf_counter()
     name, head = classifier_layer(job.loaded)

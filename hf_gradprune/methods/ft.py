@@ -4,15 +4,23 @@ early-stopped on the clean validation split."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from ..finetune import finetune, run_epochs
 from ..plot import plot_tuning
 from ..progress import ProgressEvent
 from . import Defence
 
+if TYPE_CHECKING:
+    from ..finetune import KeepsMask, LossFn, MakeOptimizer, TuneConfig, TuneResult
+    from ..job import JobConfig, Prepared
+    from ..progress import ProgressCallback
 
-def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer=None,
-               what="fine-tuning on clean images", reference_correct=None):
+
+def tune_clean(job: Prepared, cfg: JobConfig, emit: ProgressCallback, tune_cfg: TuneConfig,
+               keep: KeepsMask | None = None, loss_fn: LossFn | None = None,
+               make_optimizer: MakeOptimizer | None = None, what: str = "fine-tuning on clean images",
+               reference_correct: int | None = None) -> TuneResult:
     """The clean fine-tuning every fine-tuning baseline runs (FT, FP's repair, NAD's teacher and student, FT-SAM)."""
     t = job.tensors
     epochs = run_epochs(tune_cfg, len(t["train_y"]))
@@ -24,7 +32,7 @@ def tune_clean(job, cfg, emit, tune_cfg, keep=None, loss_fn=None, make_optimizer
                     procs=job.procs, chunk_size=job.batch_size)
 
 
-def defend(job, cfg, emit) -> Defence:
+def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     start = time.perf_counter()
     tune_cfg = cfg.baseline.tune
     tuned = tune_clean(job, cfg, emit, tune_cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,10 +13,19 @@ from ..plot import plot_tuning
 from . import Defence
 from .ft import tune_clean
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
 
-def sam_optimizer(rho: float, adaptive: bool = True):
+    import torch.nn as nn
+
+    from ..finetune import MakeOptimizer, TuneConfig
+    from ..job import JobConfig, Prepared
+    from ..progress import ProgressCallback
+
+
+def sam_optimizer(rho: float, adaptive: bool = True) -> MakeOptimizer:
     """finetune()'s make_optimizer for a SAM step of this rho, at the TuneConfig's lr / momentum / weight decay."""
-    def make(params, tc):
+    def make(params: list[nn.Parameter], tc: TuneConfig) -> SAM:
         return SAM(params, rho, adaptive, tc.lr, tc.momentum, tc.weight_decay)
     return make
 
@@ -24,14 +34,15 @@ class SAM(torch.optim.Optimizer):
     """Sharpness-aware step: climb to w + e (e = rho * T^2 g / ||T g||, T = |w| when adaptive, else 1), take the
     gradient there, come back and let the base SGD step with it. `step` needs the closure that recomputes the loss."""
 
-    def __init__(self, params, rho: float, adaptive: bool, lr: float, momentum: float, weight_decay: float):
+    def __init__(self, params: Iterable[nn.Parameter], rho: float, adaptive: bool, lr: float, momentum: float,
+                 weight_decay: float) -> None:
         super().__init__(params, dict(rho=rho, adaptive=adaptive, lr=lr))
         self.base = torch.optim.SGD(self.param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.param_groups = self.base.param_groups
         self.defaults.update(self.base.defaults)
 
     @torch.no_grad()
-    def step(self, closure):
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         with torch.enable_grad():
             loss = closure()
         group_params = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -50,7 +61,7 @@ class SAM(torch.optim.Optimizer):
         return loss
 
 
-def defend(job, cfg, emit) -> Defence:
+def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     b = cfg.baseline
     tune_cfg = replace(b.tune, label_smoothing=b.sam_label_smoothing)
     start = time.perf_counter()

@@ -5,6 +5,7 @@ that uses the triggered twins."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,8 +17,16 @@ from ..prune import PruneRound, gradient_prune, round_floor
 from ..units import UnitPruner, count_kinds, find_units
 from . import Defence
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def defend(job, cfg, emit) -> Defence:
+    from ..finetune import TuneConfig, TuneResult
+    from ..job import JobConfig, Prepared
+    from ..progress import ProgressCallback
+    from ..prune import PruneConfig
+
+
+def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     model, t = job.loaded.model, job.tensors
     timing = {}
     start = time.perf_counter()
@@ -93,7 +102,7 @@ def describe_units(counts: dict[str, int]) -> str:
     return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 2 else parts)
 
 
-def plot_finetune(tuned, path):
+def plot_finetune(tuned: TuneResult, path: Path) -> Path:
     """Without pruning rounds the picture is the fine-tuning: how the validation losses moved, and the kept epoch."""
     series = {"clean val loss": tuned.val_losses}
     if len(tuned.val_unlearning_losses) == len(tuned.val_losses):
@@ -103,7 +112,7 @@ def plot_finetune(tuned, path):
                       marker=(tuned.best_epoch, f"kept: epoch {tuned.best_epoch}"))
 
 
-def targets(tune_cfg) -> str:
+def targets(tune_cfg: TuneConfig) -> str:
     """What fine-tuning teaches a clean image and its triggered twin."""
     parts = ["their true label"] if tune_cfg.hard_labels > 0 else []
     if tune_cfg.distill > 0:
@@ -112,7 +121,7 @@ def targets(tune_cfg) -> str:
     return "both learn " + " and ".join(parts)
 
 
-def score_desc(prune_cfg) -> str:
+def score_desc(prune_cfg: PruneConfig) -> str:
     what = {"grad": "the mean absolute gradient of the unlearning loss",
             "grad_x_weight": "the mean absolute gradient x weight of the unlearning loss "
                              "(variant --score grad_x_weight)"}

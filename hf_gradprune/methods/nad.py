@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,12 @@ from ..plot import plot_tuning
 from . import Defence
 from .ft import tune_clean
 
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from ..job import JobConfig, Prepared
+    from ..progress import ProgressCallback
+
 
 def attention(features: torch.Tensor, p: float) -> torch.Tensor:
     """Spatial attention map: channel mean of |f|^p, flattened and L2-normalised per image. Feature maps are
@@ -24,7 +31,7 @@ def attention(features: torch.Tensor, p: float) -> torch.Tensor:
     return F.normalize(features.abs().pow(p).mean(channel_dim).flatten(1), dim=1)
 
 
-def defend(job, cfg, emit) -> Defence:
+def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     b = cfg.baseline
     start = time.perf_counter()
     teacher_job = replace(job, loaded=replace(job.loaded, model=copy.deepcopy(job.loaded.model)))
@@ -37,7 +44,7 @@ def defend(job, cfg, emit) -> Defence:
     n = len(b.nad_betas)
     student_forward, teacher_forward = stage_outputs(job.loaded, n), stage_outputs(teacher_job.loaded, n)
 
-    def loss_fn(model, x, y):
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits, feats = student_forward(x)
         with torch.no_grad():
             _, teacher_feats = teacher_forward(x)
