@@ -602,6 +602,21 @@ def results_block(part: str = "both", page: str = "docs/detection.md") -> str:
               f"its evidence in [docs/detection.md]({page})):", ""]
     lines += [f"- {r['split']} `{r['name']}` ({_trigger_words(r)}, target {r['target']}): {r['verdict']}"
               for r in fails] or ["- none"]
+    lines += ["", "Closest calls (the margin the threshold has on each side):", ""]
+    for split in ("dev", "test"):
+        found = [r for r in rows if r["split"] == split and r["backdoored"] and r["planted"] and r["target_right"]]
+        clean = [r for r in rows if r["split"] == split and not r["backdoored"]]
+        if part in (split, "both") and (found or clean):
+            said = []
+            if found:
+                weakest = min(found, key=lambda r: r["anomaly"])
+                said.append(f"weakest backdoor found `{weakest['name']}` ({_trigger_words(weakest)}) at "
+                            f"{weakest['anomaly']:.2f}")
+            if clean:
+                closest = max(clean, key=lambda r: r["anomaly"])
+                said.append(f"most suspicious clean model `{closest['name']}` at {closest['anomaly']:.2f} "
+                            f"(class {closest['best_class']})")
+            lines.append(f"- {split}: {'; '.join(said)}; threshold {rows[0]['threshold']}")
     return "\n".join(lines)
 
 
