@@ -394,7 +394,8 @@ def judged(row: dict, variant: str) -> dict:
     threshold = replace(ScanConfig(), **VARIANTS[variant]).threshold
     called = row["anomaly"] > threshold
     reported = row["best_class"] if called else None
-    verdict = (row["verdict"] if (row.get("scan_settings") or {}).get("threshold") == threshold else
+    scanned_under = row.get("threshold", (row.get("scan_settings") or {}).get("threshold"))
+    verdict = (row["verdict"] if scanned_under == threshold else
                f"backdoored: class {reported}, anomaly index {row['anomaly']:.2f} > {threshold}" if called else
                f"no backdoor found: highest anomaly index {row['anomaly']:.2f} <= {threshold} "
                f"(class {row['best_class']})")
@@ -432,7 +433,8 @@ def scan_row(spec: Spec, variant: str, data_root: Path) -> dict | None:
            "trigger": spec.trigger, "poison_rate": spec.poison_rate, "augment": spec.augment,
            "model": {k: info[k] for k in ("acc", "asr", "ra", "train_s")},
            "weights_sha256": hashlib.sha256((folder / "model" / "model.safetensors").read_bytes()).hexdigest(),
-           "variant": variant, "called_backdoored": found.backdoored, "reported_target": found.target,
+           "variant": variant, "threshold": found.config["threshold"], "called_backdoored": found.backdoored,
+           "reported_target": found.target,
            "best_class": found.best_class, "anomaly": found.anomaly, "family_found": found.family,
            "target_right": found.backdoored and found.target == target,
            "verdict": report.get("verdict"), "scan": {k: report.get(k) for k in ("per_class", "probe", "evidence",
