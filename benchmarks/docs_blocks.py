@@ -75,6 +75,29 @@ def detection(part: str = "both", page: str = "docs/detection.md") -> str:
     return bench.results_block(part, page)
 
 
+def blind_rows(folder: str, compare: str | None = None) -> str:
+    """A blind tier's rows one by one (target found, ACC and ASR before -> after), beside another folder's row of
+    the same cell where `compare` names one."""
+    from report import load_rows
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        if not r.get("written"):
+            return f"called {'backdoored' if r['scan']['backdoored'] else 'clean'}, untouched"
+        b, a = r["before"], r["after"]
+        return (f"{'found' if r['scan']['target_found'] else 'missed'}; {100 * b['acc']:.1f} -> {100 * a['acc']:.1f} / "
+                f"{100 * b['asr']:.1f} -> {100 * a['asr']:.1f}")
+    key = (lambda r: (r["dataset"], r["attack"], r["spc"], r["seed"]))
+    other = {key(r): r for r in load_rows(RESULTS / compare)} if compare else {}
+    lines = ["| dataset | attack | SPC | seed | " + f"`{folder}`: target; ACC / ASR before -> after"
+             + (f" | `{compare}`" if compare else "") + " |", "|---|---|---|---|---|" + ("---|" if compare else "")]
+    for r in sorted(load_rows(RESULTS / folder), key=key):
+        lines.append(f"| {r['dataset']} | {r['attack']} | {r['spc']} | {r['seed']} | {cell(r)}"
+                     + (f" | {cell(other.get(key(r)))}" if compare else "") + " |")
+    return "\n".join(lines)
+
+
 def _mean(values: list[float]) -> float:
     return statistics.mean(values) if values else float("nan")
 
@@ -213,7 +236,7 @@ def results_index() -> str:
 
 
 BLOCKS = {"results-index": results_index, "recipes": recipes, "baselines": baselines, "tier-table": tier_table,
-          "results-file": results_file,
+          "results-file": results_file, "blind-rows": blind_rows,
           "json-table": json_table, "detection": detection, "headline": headline}
 FILES = ("README.md", "docs/*.md", "benchmarks/results/README.md")
 
