@@ -206,16 +206,19 @@ def build_config(values: Mapping[str, Any], command: Command = "defend") -> JobC
                                 sam_label_smoothing=o.label_smoothing, anp_iters=o.anp_iters, anp_eps=o.anp_eps),
         mixed_precision=o.mixed_precision, blind=o.blind, force=o.force)
     check_job(cfg)
-    cfg.command = redacted_command(command_argv(values))
+    cfg.command = redacted_command(_argv(o, command))
     return cfg
 
 
 def command_argv(values: Mapping[str, Any], command: Command = "defend") -> list[str]:
     """The command line that gives these options: MODEL, then each flag whose value is not its default (the command
     a person would type for the Space's form or a library call)."""
-    actions, o = _actions(command), options(values, command)
+    return _argv(options(values, command), command)
+
+
+def _argv(o: argparse.Namespace, command: Command) -> list[str]:
     out = [o.model]
-    for dest, action in actions.items():
+    for dest, action in _actions(command).items():
         value = getattr(o, dest)
         if not action.option_strings or value == action.default and not action.required:
             continue

@@ -236,6 +236,12 @@ def scan_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The options a parsed command line gives, as `config.build_config` takes them (the subcommand's own
+    bookkeeping, `command` and `run`, left out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+
+
 def parser(flags: Callable[[argparse.ArgumentParser], argparse.ArgumentParser], prog: str,
            cls: type[argparse.ArgumentParser] = argparse.ArgumentParser, **kwargs: Any) -> argparse.ArgumentParser:
     """A stand-alone parser with one command's flags (build_config's defaults and types, published_argv)."""

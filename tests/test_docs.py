@@ -71,6 +71,7 @@ def test_every_documented_command_parses_into_a_job():
     build_config's checks (nothing is run)."""
     from hf_gradprune.cli import COMMANDS, build_parser
     from hf_gradprune.config import build_config
+    from hf_gradprune.options import given
     commands = documented_commands()
     assert len(commands) >= 10 and {argv[0] for _, argv in commands if argv} >= {"scan", "push", "demo"}
     for page, argv in commands:
@@ -80,4 +81,4 @@ def test_every_documented_command_parses_into_a_job():
         except SystemExit:
             pytest.fail(f"{page}: hf-gradprune {shlex.join(argv)} does not parse")
         if args.command in ("defend", "scan"):
-            build_config({k: v for k, v in vars(args).items() if k not in ("command", "run")}, args.command)
+            build_config(given(args), args.command)

@@ -8,7 +8,7 @@ import argparse
 from ..config import build_config, redacted_command
 from ..job import JobConfig
 from ..names import model_name
-from ..options import defend_flags, parser
+from ..options import defend_flags, given, parser
 from .console import progress_bars, push, resolve_repo_id, summary
 
 HELP = "remove a backdoor (the default command: `hf-gradprune MODEL --data DATA` is `defend`)"
@@ -44,7 +44,7 @@ def job_config(argv: list[str], raising: bool = False) -> tuple[JobConfig, argpa
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..pipeline import run as run_job
-    cfg = build_config({k: v for k, v in vars(args).items() if k not in ("command", "run")})
+    cfg = build_config(given(args))
     cfg.command = redacted_command(argv)
     progress = progress_bars(args.quiet)
     if args.push:  # before the long run: a missing login should not cost the user the whole defence

@@ -6,7 +6,7 @@ import argparse
 
 from ..config import build_config
 from ..names import public_name
-from ..options import scan_flags
+from ..options import given, scan_flags
 from .console import EXIT_BACKDOORED, progress_bars
 
 HELP = "detection only: is MODEL backdoored, and to which class?"
@@ -29,7 +29,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..pipeline import run_scan
-    cfg = build_config({k: v for k, v in vars(args).items() if k not in ("command", "run")}, "scan")
+    cfg = build_config(given(args), "scan")
     progress = progress_bars(args.quiet)
     try:
         found, report, out = run_scan(cfg, progress)
