@@ -44,7 +44,7 @@ model = job.loaded.model
 original = _snapshot(model)
 tgt = job.metrics_target
 sc = cfg.scan_config(job.batch_size)
-pixels, labels = torch.cat([t["train"], t["val"]]), torch.cat([t["train_y"], t["val_y"]])
+pixels, labels = torch.cat([t.train, t.val]), torch.cat([t.train_y, t.val_y])
 print("scan", job.scan.family, job.scan.anomaly, flush=True)
 base_tune = cfg.tune
 
@@ -86,15 +86,16 @@ for name, o in options.items():
             model.load_state_dict(original)
         else:
             st = None
-        t["trig_train"], t["trig_val"] = stamp_twins(triggers, t["train"]), stamp_twins(triggers, t["val"])
+        t = t.restamped(stamp_twins(triggers, t.train), stamp_twins(triggers, t.val))
+        job = replace(job, tensors=t)
         d = defend(cfg.method, job, cfg, lambda e: None)
         if o.get("recal"):
             recalibrate(model, pixels)
-        m = attack_metrics(model, t["test"], t["trig_test"], t["test_y"], tgt, job.batch_size)
+        m = attack_metrics(model, t.test, t.trig_test, t.test_y, tgt, job.batch_size)
         for beta in o.get("wise", []):  # reported only: the weights part way back to the original
             defended = _snapshot(model)
             model.load_state_dict({k: toward(original[k], v, beta) for k, v in defended.items()})
-            w = attack_metrics(model, t["test"], t["trig_test"], t["test_y"], tgt, job.batch_size)
+            w = attack_metrics(model, t.test, t.trig_test, t.test_y, tgt, job.batch_size)
             print(f"{name} r{r} wise {beta}: acc {100*w.acc:.1f} asr {100*w.asr:.1f} synthesised flips "
                   f"{synthesised_flips(model, triggers)}", flush=True)
             model.load_state_dict(defended)

@@ -71,16 +71,16 @@ def cell(arch: str, classes: int, spc: int, rounds: int, batch_size: str, floor_
     job = prepare(cfg)
     t_prepare = time.perf_counter() - t0
     model, t = job.loaded.model, job.tensors
-    pruner = UnitPruner(find_units(model, job.loaded.net, t["train"][:2]))
+    pruner = UnitPruner(find_units(model, job.loaded.net, t.train[:2]))
     stamps = [time.perf_counter()]
-    result = gradient_prune(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], t["val_y"],
+    result = gradient_prune(model, pruner, t.trig_train, t.train_y, t.val, t.trig_val, t.val_y,
                             cfg.prune, job.target, job.batch_size, lambda r: stamps.append(time.perf_counter()),
-                            job.procs, train_clean=t["train"])
+                            job.procs, train_clean=t.train)
     per_round = [b - a for a, b in zip(stamps, stamps[1:])]
-    floor = round_floor(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], job.batch_size,
+    floor = round_floor(model, pruner, t.trig_train, t.train_y, t.val, t.trig_val, job.batch_size,
                         repeats=floor_repeats)
     round_s = statistics.median(per_round[1:] if len(per_round) > 2 else per_round)
-    return {"model": arch, "classes": classes, "spc": spc, "n_train": len(t["train_y"]), "n_val": len(t["val_y"]),
+    return {"model": arch, "classes": classes, "spc": spc, "n_train": len(t.train_y), "n_val": len(t.val_y),
             "units": pruner.num_units, "batch": job.batch.to_dict(), "rounds": len(per_round),
             "round_s": per_round, "median_round_s": round_s, "floor_s": floor, "round_over_floor": round_s / floor,
             "chosen": [(r.layer, r.index) for r in result.rounds],  # in the order the rounds chose them

@@ -47,8 +47,8 @@ def engine_rounds(job, pruner, rounds: int, batch_size: int, autocast: bool = Fa
     stamps = [time.perf_counter()]
     cfg = PruneConfig(alpha=1.0, patience=rounds + 1, max_rounds=rounds)  # exactly `rounds` rounds, no early stop
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        res = gradient_prune(job.loaded.model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"],
-                             t["val_y"], cfg, job.target, batch_size, lambda r: stamps.append(time.perf_counter()))
+        res = gradient_prune(job.loaded.model, pruner, t.trig_train, t.train_y, t.val, t.trig_val,
+                             t.val_y, cfg, job.target, batch_size, lambda r: stamps.append(time.perf_counter()))
     while pruner.pruned:
         pruner.undo_last()
     return [b - a for a, b in zip(stamps, stamps[1:])], [(r.layer, r.index) for r in res.rounds]
@@ -59,13 +59,13 @@ def naive_rounds(job, pruner, rounds: int, batch_size: int, stamp) -> tuple[list
     times, picked = [], []
     for _ in range(rounds):
         start = time.perf_counter()
-        train_trig = stamp(job.data.train.pixels).to(t["train"].device)  # rebuilt every round
-        val_trig = stamp(job.data.val.pixels).to(t["val"].device)
+        train_trig = stamp(job.data.train.pixels).to(t.train.device)  # rebuilt every round
+        val_trig = stamp(job.data.val.pixels).to(t.val.device)
         best_state = copy.deepcopy(model.state_dict())  # keep-best by copying
         model.eval()
         model.zero_grad(set_to_none=True)
-        for s in range(0, len(t["train_y"]), batch_size):  # all parameters get gradients, one sync per batch
-            loss = F.cross_entropy(model(train_trig[s:s + batch_size]), t["train_y"][s:s + batch_size], reduction="sum")
+        for s in range(0, len(t.train_y), batch_size):  # all parameters get gradients, one sync per batch
+            loss = F.cross_entropy(model(train_trig[s:s + batch_size]), t.train_y[s:s + batch_size], reduction="sum")
             loss.backward()
             loss.item()
         scores = torch.cat([c.weight.grad.abs().flatten(1).mean(1) for _, c in pruner.convs])
@@ -74,11 +74,11 @@ def naive_rounds(job, pruner, rounds: int, batch_size: int, stamp) -> tuple[list
         pruner.prune(conv_idx, f)
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for s in range(0, len(t["val_y"]), batch_size):  # one sync per batch
-                y = t["val_y"][s:s + batch_size]
-                (model(t["val"][s:s + batch_size]).argmax(1) == y).sum().item()
+            for s in range(0, len(t.val_y), batch_size):  # one sync per batch
+                y = t.val_y[s:s + batch_size]
+                (model(t.val[s:s + batch_size]).argmax(1) == y).sum().item()
                 F.cross_entropy(model(val_trig[s:s + batch_size]), y, reduction="sum").item()
-        attack_metrics(model, t["test"], t["trig_test"], t["test_y"], job.target, batch_size)  # test set every round
+        attack_metrics(model, t.test, t.trig_test, t.test_y, job.target, batch_size)  # test set every round
         del best_state
         picked.append((pruner.convs[conv_idx][0], f))
         times.append(time.perf_counter() - start)
@@ -94,9 +94,9 @@ def measure(zoo, spc: int, rounds: int, seed: int, eval_limit: int, log) -> dict
         job = prepare(cfg)
     model = job.loaded.model
     t = job.tensors
-    pruner = FilterPruner(model, job.loaded.net, t["train"][:1])
+    pruner = FilterPruner(model, job.loaded.net, t.train[:1])
     stamp = make_trigger(cfg.trigger, job.loaded.input_size)
-    floor = round_floor(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], cfg.batch_size,
+    floor = round_floor(model, pruner, t.trig_train, t.train_y, t.val, t.trig_val, cfg.batch_size,
                         repeats=5)
     engine_t, engine_p = engine_rounds(job, pruner, rounds, cfg.batch_size)
     log(f"SPC {spc}: floor {floor:.3f} s, engine {statistics.median(engine_t):.3f} s/round")
@@ -105,7 +105,7 @@ def measure(zoo, spc: int, rounds: int, seed: int, eval_limit: int, log) -> dict
     bf16_t, bf16_p = engine_rounds(job, pruner, rounds, cfg.batch_size, autocast=True)
     log(f"SPC {spc}: bf16 {statistics.median(bf16_t):.3f} s/round")
     assert naive_p == engine_p, "the naive loop must prune the same filters as the engine"
-    return {"spc": spc, "n_train": len(t["train_y"]), "n_val": len(t["val_y"]), "n_test": len(t["test_y"]),
+    return {"spc": spc, "n_train": len(t.train_y), "n_val": len(t.val_y), "n_test": len(t.test_y),
             "rounds": rounds, "floor_s": floor,
             "engine_round_s": engine_t, "naive_round_s": naive_t, "bf16_round_s": bf16_t,
             "engine_over_floor": statistics.median(engine_t) / floor,

@@ -39,14 +39,14 @@ job = prepare(cfg)
 tt = job.tensors
 tgt = job.metrics_target
 model = job.loaded.model
-b = attack_metrics(model, tt["test"], tt["trig_test"], tt["test_y"], tgt, job.batch_size)
+b = attack_metrics(model, tt.test, tt.trig_test, tt.test_y, tgt, job.batch_size)
 print(f"before acc {b.acc:.3f} asr {b.asr:.3f}", flush=True)
 def emit(ev: ProgressEvent):
     if ev.stage == "finetune" and ev.step and ev.step % every == 0:
-        m = attack_metrics(model, tt["test"], tt["trig_test"], tt["test_y"], tgt, job.batch_size)
+        m = attack_metrics(model, tt.test, tt.trig_test, tt.test_y, tgt, job.batch_size)
         print(f"epoch {ev.step} acc {m.acc:.3f} asr {m.asr:.3f} val_loss {ev.values.get('val_loss'):.3f}", flush=True)
 d = defend(cfg.method, job, cfg, emit)
-a = attack_metrics(model, tt["test"], tt["trig_test"], tt["test_y"], tgt, job.batch_size)
+a = attack_metrics(model, tt.test, tt.trig_test, tt.test_y, tgt, job.batch_size)
 print(f"kept epoch {d.tune.best_epoch} of {d.tune.epochs}: acc {a.acc:.3f} asr {a.asr:.3f}")
 print("val_accs", [round(x, 3) for x in d.tune.val_accs])
 print("val_unl", [round(x, 3) for x in d.tune.val_unlearning_losses])

@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .units import KINDS
+
+if TYPE_CHECKING:
+    from .report import Report  # report.py renders the card: a run-time import would be a cycle
 
 TEMPLATE = "gradprune_card.md"
 PAPER_URL = "https://arxiv.org/abs/2405.03918"  # Dunnett et al., 2024, the method's paper
@@ -45,7 +48,7 @@ def hub_url(repo_id: str | None, kind: Literal["model", "dataset"] = "model") ->
     return f"{HUB_URL}/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
 
 
-def allowed_links(report: dict) -> list[str]:
+def allowed_links(report: Report) -> list[str]:
     """Every address a card may link to, the one list of them: the paper on arXiv, the project's homepage (when
     pyproject.toml has one) and the Hub pages of the model, dataset and repo ids the report names. A link is allowed
     when it is one of these or a page below one (`link_allowed`)."""
@@ -72,7 +75,7 @@ def _layer_rows(changed: list[dict]) -> list[dict]:
             for (layer, kind), v in per_layer.items()]
 
 
-def render_card(report: dict, plot_file: str, license: str | None = None) -> ModelCard:
+def render_card(report: Report, plot_file: str, license: str | None = None) -> ModelCard:
     from .names import model_name as name_of
     source, data = report["source"]["model"], report["data"]["dataset"]
     source_id, data_id = report["source"].get("hub_id"), report["data"].get("hub_id")

@@ -1,5 +1,5 @@
 """The job's records, below the pipeline and the defences that both read them: what was asked (JobConfig and the
-baselines' settings), what a defence gets (Prepared), what the caller gets back (JobResult)."""
+baselines' settings), what a defence gets (Prepared, FewShotTensors), what the caller gets back (JobResult)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .methods import Method  # methods/ imports this module: a run-time import would be a cycle
     from .parallel import MixedPrecision
     from .recipes import Recipe
+    from .report import Report  # report.py imports methods/, which import this module
 
 
 def _baseline_tune() -> TuneConfig:
@@ -93,6 +94,7 @@ class JobConfig:
     measure_floor: bool = False  # benchmarks: time one unavoidable round (fwd+bwd train + fwd val) for comparison
     blind: bool = False  # defend as under --trigger unknown; the given trigger only measures ACC / ASR / RA
     force: bool = False  # --trigger unknown: defend even when the scan finds no backdoor
+    from_scan: str | None = None  # an earlier `scan`'s output folder: its triggers, instead of scanning again
     scan: ScanConfig = field(default_factory=ScanConfig)
 
     def __post_init__(self) -> None:
@@ -123,11 +125,31 @@ class JobConfig:
 @dataclass
 class JobResult:
     output_dir: Path
-    report: dict
+    report: Report
     is_main: bool = True  # False on the other processes of an `accelerate launch` job: they print and push nothing
     samples: dict[str, np.ndarray] | None = None  # uint8 (K, 3, H, W) "clean" / "triggered" pixels of report["preview"]
     written: bool = True  # False: --trigger unknown found no backdoor and wrote nothing (report: the scan's)
     scan: ScanResult | None = None
+
+
+@dataclass(frozen=True)
+class FewShotTensors:
+    """The images a defence reads, each made once before the loop. The few-shot train / val pixels (uint8), their
+    triggered twins and their TRUE labels live on the device; the test set stays in host memory, or is a
+    streaming.StreamedImages (decoded a chunk at a time) when it is too large to hold. Frozen: a later synthesis
+    round gets a copy with new twins (`restamped`), so no reader sees the triggers change under it."""
+    train: torch.Tensor
+    train_y: torch.Tensor
+    trig_train: torch.Tensor
+    val: torch.Tensor
+    val_y: torch.Tensor
+    trig_val: torch.Tensor
+    test: torch.Tensor
+    test_y: torch.Tensor
+    trig_test: torch.Tensor
+
+    def restamped(self, trig_train: torch.Tensor, trig_val: torch.Tensor) -> FewShotTensors:
+        return replace(self, trig_train=trig_train, trig_val=trig_val)
 
 
 @dataclass
@@ -136,8 +158,7 @@ class Prepared:
     loaded: LoadedModel
     data: FewShot
     meta: dict
-    tensors: dict[str, torch.Tensor]  # train/val/test pixels (uint8), their triggered twins, labels; test and
-    # trig_test are StreamedImages (decoded a chunk at a time) when the test set is too large to hold
+    tensors: FewShotTensors | None  # None when untouched
     target: int  # the class the defence works against (under --blind: the one the scan found)
     target_auto: bool
     trigger: str

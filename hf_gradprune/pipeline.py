@@ -6,32 +6,37 @@ Progress reaches the caller through a callback; nothing here prints.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__
-from .card import render_card
 from .config import check_job
 from .data import FewShot, PixelSet, align_classes, decode, draw_few_shot, eval_rows, find_columns, load_splits
 from .errors import UserError
-from .hub import LOCAL_FILE, LoadedModel, load_model, save_model, source_card_license
-from .job import JobConfig, JobResult, Prepared
+from .hub import LoadedModel, load_model
+from .job import FewShotTensors, JobConfig, JobResult, Prepared
 from .memory import AUTO, BatchChoice, choose_batch_size, stream_test
-from .methods import METHODS, Defence, defend
+from .methods import Defence, defend
 from .metrics import attack_metrics, pick_target, predict
 from .names import hub_id_of, local_name, model_name, public_name
 from .parallel import Procs, start
 from .progress import ProgressCallback, ProgressEvent
-from .recipes import describe as describe_recipe
+from .report import (
+    PLOT_FILE,
+    REPORT_FILE,
+    SCAN_FILE,
+    TRIGGER_FILE,
+    check_output,
+    defence_report,
+    scan_report,
+    untouched_report,
+    write_output,
+    write_scan,
+)
+from .saved_scan import check_folder, load_scan, weights_sha256
 from .streaming import stamp_images
 from .synth import (
     ScanResult,
@@ -46,11 +51,8 @@ from .synth import (
 )
 from .triggers import make_trigger
 
-REPORT_FILE = "gradprune_report.json"
-PLOT_FILE = "gradprune_rounds.png"
-SCAN_FILE = "scan_report.json"
-TRIGGER_FILE = "synthesised_trigger.png"  # the job's: the trigger the defence stamped, with an example
-
+__all__ = ["PLOT_FILE", "REPORT_FILE", "SCAN_FILE", "TRIGGER_FILE", "JobConfig", "JobResult", "prepare", "run",
+           "run_scan"]
 
 PREVIEW_SAMPLES = 4
 
@@ -62,11 +64,6 @@ def _preview_rows(labels: torch.Tensor, target: int, k: int = PREVIEW_SAMPLES) -
 
 def output_dir_for(cfg: JobConfig) -> Path:
     return Path(cfg.output) if cfg.output else Path(f"./{model_name(cfg.model_shown)}-{cfg.method}")
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"--output {out}: already exists and is not empty; pass --overwrite or choose another folder")
 
 
 def _resolve_target(spec: str, loaded: LoadedModel, class_names: list[str] | None) -> int | None:
@@ -184,11 +181,15 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
     target = _resolve_target(cfg.target, loaded, data.class_names)
     batch = _batch_choice(cfg, loaded, data.train.pixels[:1], procs)
     found = None
-    if cfg.synthesises:
+    if cfg.from_scan:
+        emit(ProgressEvent("scan", message=f"reading the scan in {local_name(cfg.from_scan)}"))
+        found = load_scan(cfg.from_scan, weights_sha256(model), loaded.num_classes)
+    elif cfg.synthesises:
         found = _scan(cfg, loaded, data, target, emit, procs.device, batch)
+    if found is not None:
         emit(ProgressEvent("verdict", message=verdict(found, data.class_names or loaded.label_names)))
         if not found.backdoored and not cfg.force:  # a clean model is left untouched: nothing stamped, nothing written
-            return Prepared(loaded, data, meta, {}, found.best_class, target is None, "", procs, scan=found,
+            return Prepared(loaded, data, meta, None, found.best_class, target is None, "", procs, scan=found,
                             untouched=True, batch=batch)
     real = None  # the real trigger's twins: what the defence stamps, or under --blind only what measures
     if found is None or cfg.blind:
@@ -217,10 +218,10 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
     # the few-shot images live on the device (every round reads them); the test set stays in host memory (or, when
     # too large to hold, is decoded a chunk at a time: streaming.py) and goes to the device a chunk at a time
     # (metrics.attack_metrics), so its size bounds neither the device's memory nor the host's
-    tensors = {**{k: v.to(procs.device) for k, v in {
-        "train": data.train.pixels, "train_y": data.train.labels, "trig_train": trig_train.pixels,
-        "val": data.val.pixels, "val_y": data.val.labels, "trig_val": trig_val.pixels}.items()},
-        "test": data.test.pixels, "test_y": data.test.labels, "trig_test": trig_test.pixels}
+    dev = procs.device
+    tensors = FewShotTensors(data.train.pixels.to(dev), data.train.labels.to(dev), trig_train.pixels.to(dev),
+                             data.val.pixels.to(dev), data.val.labels.to(dev), trig_val.pixels.to(dev),
+                             data.test.pixels, data.test.labels, trig_test.pixels)
     target_auto = target is None
     if found is not None:
         target = found.defence_target
@@ -257,32 +258,33 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
     Under `accelerate launch` every process runs this; only the main one reports progress and writes the output."""
     check_job(cfg)  # a JobConfig built by hand gets build_config's checks too
     out = output_dir_for(cfg)
-    _check_output(out, cfg.overwrite)
+    check_output(out, cfg.overwrite)
+    if cfg.from_scan:
+        check_folder(cfg.from_scan)
     procs = start(cfg.device, cfg.mixed_precision)
     emit = (progress or (lambda event: None)) if procs.is_main else (lambda event: None)
     torch.manual_seed(cfg.seed)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     job = prepare(cfg, emit, procs)
-    loaded, data, meta, tensors, target = job.loaded, job.data, job.meta, job.tensors, job.target
+    loaded, data, tensors, target = job.loaded, job.data, job.tensors, job.target
     model = loaded.model
     timing["load"] = time.perf_counter() - t0
     names = data.class_names or loaded.label_names
     if job.scan is not None:
         timing["scan"] = job.scan.timing_s["scan"]
         if job.untouched:  # the scan found no backdoor and --force was not given: the model is left as it is
-            report = {"scan": _scan_dict(job.scan, names, cfg), "written": False, "timing_s": timing}
+            report = untouched_report(job.scan, names, cfg, timing)
             emit(ProgressEvent("done", message=verdict(job.scan, names) + "; nothing written (--force defends anyway)"))
             return JobResult(out, report, procs.is_main, written=False, scan=job.scan)
     target = job.metrics_target  # ASR counts against it; the defence works against job.target
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the model before the defence"))
-    before = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, job.batch_size,
-                              procs)
+    before = attack_metrics(model, tensors.test, tensors.trig_test, tensors.test_y, target, job.batch_size, procs)
     timing["evaluate_before"] = time.perf_counter() - t
-    shown = _preview_rows(tensors["test_y"], target)
-    preview_px = {k: tensors[key][shown].to(procs.device) for k, key in (("clean", "test"), ("triggered", "trig_test"))}
+    shown = _preview_rows(tensors.test_y, target)
+    preview_px = {"clean": tensors.test[shown].to(procs.device), "triggered": tensors.trig_test[shown].to(procs.device)}
     preview_before = {k: predict(model, v, job.batch_size).tolist() for k, v in preview_px.items()}
 
     original = _snapshot(model) if job.scan is not None and (cfg.scan.rounds > 1 or cfg.scan.keep_flip is not None) \
@@ -294,51 +296,20 @@ def run(cfg: JobConfig, progress: ProgressCallback | None = None) -> JobResult:
 
     t = time.perf_counter()
     emit(ProgressEvent("evaluate", message="measuring the sanitised model"))
-    after = attack_metrics(model, tensors["test"], tensors["trig_test"], tensors["test_y"], target, job.batch_size,
-                             procs)
+    after = attack_metrics(model, tensors.test, tensors.trig_test, tensors.test_y, target, job.batch_size, procs)
     timing["evaluate_after"] = time.perf_counter() - t
     preview_after = {k: predict(model, v, job.batch_size).tolist() for k, v in preview_px.items()}
 
-    report = {
-        "tool": {"name": "hf-gradprune", "version": __version__, "method": cfg.method},
-        "method": {"name": cfg.method, "title": METHODS[cfg.method][0], "description": METHODS[cfg.method][1],
-                   "reference": METHODS[cfg.method][2], "summary": defence.summary,
-                   **({"recipe": cfg.recipe, "recipe_description": describe_recipe(cfg.recipe)}
-                      if cfg.method == "gradprune" else {})},
-        "source": {"model": cfg.model_shown, "hub_id": hub_id_of(cfg.model, cfg.source_id), "revision": loaded.revision,
-                   "library": loaded.library, "preprocessing": loaded.preprocessing},
-        "data": {**meta, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
-                 "input_size": list(loaded.input_size), "train_rows": data.train_idx, "val_rows": data.val_idx},
-        "trigger": job.trigger,
-        "target": {"index": target, "name": names[target] if names else None, "auto": job.target_auto},
-        **({"scan": {**_scan_dict(job.scan, names, cfg, target), "unlearning": unlearning}}
-           if job.scan is not None else {}),
-        "before": before.to_dict(),
-        "after": after.to_dict(),
-        "pruned": defence.changed,
-        "preview": [{"test_row": data.test_idx[i], "label": int(tensors["test_y"][i]),
-                     **{f"{k}_{when}": p[k][j] for k in preview_px for when, p in (("before", preview_before),
-                                                                                   ("after", preview_after))}}
-                    for j, i in enumerate(shown)],
-        "rounds": len(defence.changed),
-        "finetune_epochs": defence.tune.epochs if defence.tune else 0,
-        "total_filters": defence.candidates,
-        "prune": defence.details,
-        "finetune": asdict(defence.tune) if defence.tune else None,
-        "config": _config_dict(cfg, out),
-        "command": cfg.command or f"hf-gradprune {cfg.model_shown} --data {cfg.data_shown}"
-                                  + ("" if cfg.method == "gradprune" else f" --method {cfg.method}"),
-        "timing_s": timing,
-        "batch": job.batch.to_dict(),
-        "processes": {"count": procs.world, "device": procs.device.type, "mixed_precision": procs.mixed_precision},
-    }
-    if cfg.repo_id:
-        report["push"] = {"repo_id": cfg.repo_id}
+    preview = [{"test_row": data.test_idx[i], "label": int(tensors.test_y[i]),
+                **{f"{k}_{when}": p[k][j] for k in preview_px for when, p in (("before", preview_before),
+                                                                              ("after", preview_after))}}
+               for j, i in enumerate(shown)]
+    report = defence_report(cfg, job, defence, before, after, preview, unlearning, out, timing)
     emit(ProgressEvent("save", message=f"writing {out}"))
     if procs.is_main:
-        example = tensors["test"][shown[0]] if shown else tensors["test"][0]
+        example = tensors.test[shown[0]] if shown else tensors.test[0]
         extra = {TRIGGER_FILE: job.scan.trigger.image(example)} if job.scan is not None else {}
-        _write_output(out, cfg.overwrite, loaded, defence, report, _local_config(cfg), extra)
+        write_output(out, cfg, loaded, defence, report, extra)
     procs.wait()  # the others leave once the output is complete
     report["timing_s"]["total"] = time.perf_counter() - t0
     emit(ProgressEvent("done", values={"before": report["before"], "after": report["after"], "target": target}))
@@ -360,12 +331,13 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
     does not add up over the rounds; "defended" unlearns on top of the last round. Then (cfg.scan.keep_flip) the
     weights are pulled back toward the original as far as every trigger found stays out (synth.pull_back)."""
     t, sc = job.tensors, cfg.scan_config(job.batch_size)
+    assert t is not None and job.scan is not None
     scanned = usable_triggers(job.scan)
     triggers = list(scanned)
     targets = job.scan.defence_targets
     rounds = [{"round": 1, "targets": targets, "triggers": [x.describe() for x in triggers],
                "finetune_epochs": _epochs(defence)}]
-    pixels, labels = torch.cat([t["train"], t["val"]]), torch.cat([t["train_y"], t["val_y"]])
+    pixels, labels = torch.cat([t.train, t.val]), torch.cat([t.train_y, t.val_y])
     for r in range(2, sc.rounds + 1):
         emit(ProgressEvent("scan", message=f"round {r}: re-synthesising the triggers of class"
                                            f"{'es' if len(targets) > 1 else ''} {', '.join(map(str, targets))}"))
@@ -383,10 +355,10 @@ def _resynthesis_rounds(job: Prepared, cfg: JobConfig, defence: Defence, emit: P
             rounds.append({**record, "triggers": [], "note": "no trigger reaches the flip goal any more"})
             break
         triggers += fresh
-        t["trig_train"], t["trig_val"] = stamp_twins(triggers, t["train"]), stamp_twins(triggers, t["val"])
+        t = t.restamped(stamp_twins(triggers, t.train), stamp_twins(triggers, t.val))
         if sc.rounds_from == "original":
             job.loaded.model.load_state_dict(original)
-        defence = defend(cfg.method, job, cfg, emit)
+        defence = defend(cfg.method, replace(job, tensors=t), cfg, emit)
         rounds.append({**record, "triggers": [x.describe() for x in fresh], "finetune_epochs": _epochs(defence)})
     pulled = None
     if sc.keep_flip is not None and not defence.changed:  # pruned units would come back part way: not pulled back
@@ -408,68 +380,6 @@ def _epochs(defence: Defence) -> int:
     return defence.tune.epochs if defence.tune else 0
 
 
-def _scan_dict(found: ScanResult, names: list[str] | None, cfg: JobConfig, measured_target: int | None = None) -> dict:
-    """The report's and card's account of the scan: what it found, what was synthesised, how ASR was measured."""
-    d = {**found.to_dict(names), "verdict": verdict(found, names), "blind": cfg.blind,
-         "defence_target": found.defence_target, "defence_targets": found.defence_targets,
-         "trigger_file": TRIGGER_FILE,
-         "asr_measured_with": "the real trigger, which the defence never saw (--blind)" if cfg.blind
-         else "the synthesised trigger (the real one is unknown)"}
-    if measured_target is not None:
-        d["target_matches_measured"] = d["defence_target"] == measured_target
-    return d
-
-
-def _config_dict(cfg: JobConfig, out: Path) -> dict:
-    """The configuration as the report publishes it: every path by its public name (names.py), none of this
-    machine's file system; the paths as given are in LOCAL_FILE."""
-    d = asdict(cfg)
-    d.pop("command", None)
-    d.update(model=cfg.model_shown, data=cfg.data_shown, output=local_name(out), trigger=cfg.trigger.published(),
-             backdoor_data=cfg.backdoor_data and public_name(cfg.backdoor_data))
-    return d
-
-
-def _local_config(cfg: JobConfig) -> dict:
-    """The configuration with this machine's paths, for a rerun here; LOCAL_FILE, which no push uploads."""
-    return {"note": f"local only: hf-gradprune push never uploads {LOCAL_FILE}; it holds paths of this machine",
-            "working_directory": os.getcwd(), "config": asdict(cfg)}
-
-
-def _write_output(out: Path, overwrite: bool, loaded: LoadedModel, defence: Defence, report: dict,
-                  local: dict, images: dict | None = None) -> None:
-    """Everything goes to a temporary sibling first and is renamed into place at the end: nothing half written."""
-    with _fresh_dir(out, overwrite) as tmp:
-        files = save_model(loaded, tmp)
-        defence.plot(tmp / PLOT_FILE)
-        for name, image in (images or {}).items():
-            image.save(tmp / name)
-        report["files"] = sorted(files + [PLOT_FILE, REPORT_FILE, "README.md", *(images or {})])
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-        (tmp / LOCAL_FILE).write_text(json.dumps(local, indent=2, default=str))
-        render_card(report, PLOT_FILE, source_card_license(loaded)).save(tmp / "README.md")
-
-
-@contextlib.contextmanager
-def _fresh_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of `out` to write into, renamed into place when the block ends without error and
-    removed when it does not: nothing half written ever sits at `out`."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            _check_output(out, overwrite)
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def scan_output_dir_for(cfg: JobConfig) -> Path:
     return Path(cfg.output) if cfg.output else Path(f"./{model_name(cfg.model_shown)}-scan")
 
@@ -478,7 +388,7 @@ def run_scan(cfg: JobConfig, progress: ProgressCallback | None = None) -> tuple[
     """`hf-gradprune scan`: detection only. Writes scan_report.json and one PNG per synthesised trigger; the model
     is not changed and no test set is read."""
     out = scan_output_dir_for(cfg)
-    _check_output(out, cfg.overwrite)
+    check_output(out, cfg.overwrite)
     emit = progress or (lambda event: None)
     t0 = time.perf_counter()
     procs = start(cfg.device, None)
@@ -492,18 +402,9 @@ def run_scan(cfg: JobConfig, progress: ProgressCallback | None = None) -> tuple[
     found = _scan(cfg, loaded, data, target, emit, procs.device, batch)
     names = data.class_names or loaded.label_names
     images = {f"synthesised_trigger_{f}.png": t.image(data.val.pixels[0]) for f, t in found.triggers.items()}
-    report = {"tool": {"name": "hf-gradprune", "version": __version__, "command": "scan"},
-              "model": cfg.model_shown, "source": {"hub_id": hub_id_of(cfg.model, cfg.source_id),
-                                                    "revision": loaded.revision, "library": loaded.library},
-              "data": {**meta, "n_images": len(data.train) + len(data.val), "spc": cfg.spc,
-                       "train_rows": data.train_idx, "val_rows": data.val_idx},
-              **_scan_dict(found, names, cfg), "files": sorted([SCAN_FILE, *images]),
-              "config": _config_dict(cfg, out), "command": cfg.command,
-              "timing_s": {"load": load_s, **found.timing_s, "total": time.perf_counter() - t0}}
-    report.pop("blind"), report.pop("asr_measured_with"), report.pop("trigger_file")
-    with _fresh_dir(out, cfg.overwrite) as tmp:
-        for name, image in images.items():
-            image.save(tmp / name)
-        (tmp / SCAN_FILE).write_text(json.dumps(report, indent=2, default=str))
+    timing = {"load": load_s, **found.timing_s, "total": time.perf_counter() - t0}
+    report = scan_report(cfg, loaded, found, meta, len(data.train) + len(data.val), (data.train_idx, data.val_idx),
+                         list(images), out, timing)
+    write_scan(out, cfg.overwrite, found, report, images)
     emit(ProgressEvent("done", message=verdict(found, names)))
     return found, report, out

@@ -30,10 +30,10 @@ from hf_gradprune import __version__  # noqa: E402
 from hf_gradprune.errors import UserError  # noqa: E402
 from hf_gradprune.finetune import TuneConfig  # noqa: E402
 from hf_gradprune.methods import METHODS  # noqa: E402
-from hf_gradprune.pipeline import PLOT_FILE, TRIGGER_FILE  # noqa: E402
 from hf_gradprune.progress import ProgressEvent  # noqa: E402
 from hf_gradprune.prune import PruneConfig  # noqa: E402
 from hf_gradprune.recipes import DEFAULT_RECIPE  # noqa: E402
+from hf_gradprune.report import PLOT_FILE, TRIGGER_FILE, Report  # noqa: E402
 from hf_gradprune.triggers import TRIGGER_KINDS, UNKNOWN  # noqa: E402
 from job import SpaceSettings, demo_inputs, push_outcome, remove_job, resolve_input, run_job  # noqa: E402
 
@@ -52,7 +52,7 @@ TRIGGER_HELP = {"badnet": "white square at the bottom-right corner (3x3 at 32x32
 TRIGGER_CHOICES = [(kind, kind) for kind in TRIGGER_KINDS] + [("I don't know the trigger", UNKNOWN)]
 
 
-def metrics_table(report: dict) -> list[list[str]]:
+def metrics_table(report: Report) -> list[list[str]]:
     return [[label, f"{100 * report['before'][k]:.2f} %", f"{100 * report['after'][k]:.2f} %"]
             for k, label in METRIC_ROWS]
 
@@ -74,7 +74,7 @@ def card_markdown(output_dir: Path) -> tuple[str, str]:
     return meta, body
 
 
-def preview_gallery(report: dict, samples: dict, names: list[str] | None) -> list[tuple[Image.Image, str]]:
+def preview_gallery(report: Report, samples: dict, names: list[str] | None) -> list[tuple[Image.Image, str]]:
     """Each shown test image, clean and triggered, with the prediction before -> after the defence."""
     target = report["target"]["index"]
 

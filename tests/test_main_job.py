@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import PRUNING, read_report, run_cli
 from hf_gradprune.hub import LOCAL_FILE, load_model
 from hf_gradprune.metrics import attack_metrics
+from hf_gradprune.report import DataInfo, Metrics, Report, Source, Target
 from hf_gradprune.triggers import TriggerSpec, make_trigger
 
 
@@ -34,6 +35,16 @@ def test_timm_backdoor_removed(timm_result):
     assert report["config"]["spc"] == 10 and report["data"]["n_train"] == 90 and report["data"]["n_val"] == 10
     assert report["data"]["test_split"] == "test"
     assert report["after"]["n_triggered"] == report["before"]["n_triggered"] > 0
+
+
+def test_the_report_file_is_the_typed_record(timm_result):
+    """The card, the CLI, the Space and the benchmarks read the report through report.Report: every key the job
+    writes is declared there, so a reader's key cannot silently go missing."""
+    _, report = timm_result
+    assert set(report) <= set(Report.__annotations__), set(report) - set(Report.__annotations__)
+    assert set(report["before"]) == set(report["after"]) == set(Metrics.__annotations__)
+    assert set(report["source"]) == set(Source.__annotations__) and set(report["target"]) == set(Target.__annotations__)
+    assert set(DataInfo.__required_keys__) <= set(report["data"]) <= set(DataInfo.__annotations__)
 
 
 def test_timm_output_reloads_with_same_config_and_measured_numbers(timm_result, timm_backdoor):

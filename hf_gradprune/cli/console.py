@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
     from ..progress import ProgressEvent, Stage
+    from ..report import Report
 
 EXIT_BACKDOORED, EXIT_USER, EXIT_PUSH = 1, 2, 3  # scan --fail-if-backdoored found one; bad input; upload failed
 
@@ -66,7 +67,7 @@ def _units(changed: list[dict]) -> str:
     return f"{len(changed)} unit{'s' if len(changed) != 1 else ''}" + (f" ({detail})" if detail else "")
 
 
-def summary(report: dict, out: Path) -> str:
+def summary(report: Report, out: Path) -> str:
     """The defence's result in a few lines: target, method, ACC / ASR / RA before and after, the output folder."""
     b, a, t = report["before"], report["after"], report["target"]
     name = f" ({t['name']})" if t.get("name") else ""

@@ -61,7 +61,7 @@ def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     noises = [x for q in perts for x in (q.noise_w, q.noise_b)]
     opt = torch.optim.SGD(masks, lr=b.anp_mask_lr, momentum=0.9)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_all, y_all = t["train"], t["train_y"]
+    x_all, y_all = t.train, t.train_y
     order, pos = torch.randperm(len(y_all), generator=gen), 0
     model.eval()
     emit(ProgressEvent("prune", total=b.anp_iters, message=f"learning masks for {sum(len(m) for m in masks)} "
@@ -105,7 +105,7 @@ def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     values = torch.cat([m.detach() for m in masks])
     owner = [(name, c) for name, n in norms for c in range(n.num_features)]
     ranked = sorted(range(len(values)), key=lambda i: (float(values[i]), i))
-    n_val = len(t["val_y"])
+    n_val = len(t.val_y)
     base = val_correct(model, job, job.batch_size)
     mask, kept, kept_threshold, curve = ChannelMask(), 0, 0.0, [(0.0, base / n_val, 0)]
     modules = dict(norms)

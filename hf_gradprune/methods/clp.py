@@ -35,7 +35,7 @@ def channel_lipschitz(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) ->
 def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     model = job.loaded.model
     start = time.perf_counter()
-    blank = torch.zeros_like(job.tensors["train"][:1])  # shapes only: the trace needs an input, not data
+    blank = torch.zeros_like(job.tensors.train[:1])  # shapes only: the trace needs an input, not data
     pruner = FilterPruner(model, job.loaded.net, blank)
     u = cfg.baseline.clp_u
     changed, per_layer, candidates = [], [], 0

@@ -30,18 +30,18 @@ if TYPE_CHECKING:
 
 def val_correct(model: nn.Module, job: Prepared, batch_size: int) -> int:
     t = job.tensors
-    return val_loss_acc(model, t["val"], t["val_y"], batch_size, job.procs)[1]
+    return val_loss_acc(model, t.val, t.val_y, batch_size, job.procs)[1]
 
 
 def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     model, t = job.loaded.model, job.tensors
     start = time.perf_counter()
     name, head = classifier_layer(job.loaded)
-    means = classifier_input_means(model, head, t["train"], job.batch_size)
+    means = classifier_input_means(model, head, t.train, job.batch_size)
     order = means.argsort(stable=True).tolist()  # least active first
     channels = len(order)
     step = max(1, math.ceil(cfg.baseline.fp_step * channels))
-    n_val = len(t["val_y"])
+    n_val = len(t.val_y)
     base = val_correct(model, job, job.batch_size)
     mask, kept, curve = ChannelMask(), 0, [(0, base / n_val)]
     stop = "all channels but one step"

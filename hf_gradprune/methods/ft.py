@@ -23,9 +23,9 @@ def tune_clean(job: Prepared, cfg: JobConfig, emit: ProgressCallback, tune_cfg: 
                reference_correct: int | None = None) -> TuneResult:
     """The clean fine-tuning every fine-tuning baseline runs (FT, FP's repair, NAD's teacher and student, FT-SAM)."""
     t = job.tensors
-    epochs = run_epochs(tune_cfg, len(t["train_y"]))
+    epochs = run_epochs(tune_cfg, len(t.train_y))
     emit(ProgressEvent("finetune", total=epochs, message=what))
-    return finetune(job.loaded.model, t["train"], t["train_y"], t["val"], t["val_y"], tune_cfg, keep, cfg.seed,
+    return finetune(job.loaded.model, t.train, t.train_y, t.val, t.val_y, tune_cfg, keep, cfg.seed,
                     lambda e, loss: emit(ProgressEvent("finetune", step=e, total=epochs,
                                                        values={"val_loss": loss})),
                     loss_fn=loss_fn, make_optimizer=make_optimizer, reference_correct=reference_correct,

@@ -30,12 +30,12 @@ def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
     model, t = job.loaded.model, job.tensors
     timing = {}
     start = time.perf_counter()
-    pruner = UnitPruner(find_units(model, job.loaded.net, t["train"][:2]))
+    pruner = UnitPruner(find_units(model, job.loaded.net, t.train[:2]))
     if cfg.prune.max_rounds and not pruner.num_units:
         raise UserError(f"MODEL {job.loaded.source}: no prunable units found (conv filters into a batch norm, MLP "
                         "neurons, attention heads); fine-tune without pruning: --method ft")
     # what a triggered image should give: the original model's output on its CLEAN twin, taken before any change
-    clean_outputs = probabilities(model, t["train"], job.batch_size) if cfg.tune.distill > 0 else None
+    clean_outputs = probabilities(model, t.train, job.batch_size) if cfg.tune.distill > 0 else None
     if cfg.prune.max_rounds:
         emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {describe_units(pruner.counts())}"))
 
@@ -43,26 +43,26 @@ def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
         emit(ProgressEvent("prune", step=r.round, total=cfg.prune.max_rounds, message=f"{r.layer} {r.kind} {r.index}",
                            values={"val_acc": r.val_acc, "val_unlearning_loss": r.val_unlearning_loss,
                                    "val_asr": r.val_asr}))
-    pruned = gradient_prune(model, pruner, t["trig_train"], t["train_y"], t["val"], t["trig_val"], t["val_y"],
-                            cfg.prune, job.target, job.batch_size, on_round, job.procs, train_clean=t["train"])
+    pruned = gradient_prune(model, pruner, t.trig_train, t.train_y, t.val, t.trig_val, t.val_y,
+                            cfg.prune, job.target, job.batch_size, on_round, job.procs, train_clean=t.train)
     timing["prune"] = time.perf_counter() - start
     timing["per_round"] = timing["prune"] / max(1, len(pruned.rounds))
     if cfg.measure_floor:
-        checked = ((t["val"], t["trig_val"]) if cfg.prune.check_on == "val" else
-                   (torch.cat([t["val"], t["train"]]), torch.cat([t["trig_val"], t["trig_train"]])))
-        timing["round_floor"] = round_floor(model, pruner, t["trig_train"], t["train_y"], *checked, job.batch_size)
+        checked = ((t.val, t.trig_val) if cfg.prune.check_on == "val" else
+                   (torch.cat([t.val, t.train]), torch.cat([t.trig_val, t.trig_train])))
+        timing["round_floor"] = round_floor(model, pruner, t.trig_train, t.train_y, *checked, job.batch_size)
     start = time.perf_counter()
-    epochs = run_epochs(cfg.tune, 2 * len(t["train_y"]))
+    epochs = run_epochs(cfg.tune, 2 * len(t.train_y))
     emit(ProgressEvent("finetune", total=epochs, message="fine-tuning on clean + triggered images"))
     make_optimizer = None
     if cfg.tune.sam_rho > 0:
         from .ftsam import sam_optimizer
         make_optimizer = sam_optimizer(cfg.tune.sam_rho)
-    tuned = finetune(model, torch.cat([t["train"], t["trig_train"]]), torch.cat([t["train_y"], t["train_y"]]),
-                     t["val"], t["val_y"], cfg.tune, pruner, cfg.seed,
+    tuned = finetune(model, torch.cat([t.train, t.trig_train]), torch.cat([t.train_y, t.train_y]),
+                     t.val, t.val_y, cfg.tune, pruner, cfg.seed,
                      lambda e, loss: emit(ProgressEvent("finetune", step=e, total=epochs,
                                                         values={"val_loss": loss})), procs=job.procs,
-                     reference_correct=round(pruned.base_val_acc * len(t["val_y"])), val_triggered=t["trig_val"],
+                     reference_correct=round(pruned.base_val_acc * len(t.val_y)), val_triggered=t.trig_val,
                      make_optimizer=make_optimizer,
                      soft_targets=None if clean_outputs is None else torch.cat([clean_outputs, clean_outputs]),
                      chunk_size=job.batch_size)
