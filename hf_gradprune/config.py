@@ -161,6 +161,12 @@ def check_job(cfg: JobConfig) -> None:
     if cfg.trigger.kind == UNKNOWN and cfg.backdoor_data:
         raise UserError("--trigger unknown with --backdoor-data: the triggered copies are the trigger; drop "
                         "--trigger unknown, or add --blind to defend without them and measure with them")
+    if cfg.from_scan is not None:
+        if not cfg.synthesises:
+            raise UserError(f"--from-scan {cfg.from_scan}: only --trigger unknown / --blind defend against a scan's "
+                            "triggers; add one of them, or drop --from-scan")
+        if cfg.target != "auto":
+            raise UserError(f"--from-scan with --target {cfg.target}: the scan named the target; drop --target")
     if cfg.force and not cfg.synthesises:
         raise UserError("--force only applies to --trigger unknown / --blind (defend even when the scan finds no "
                         "backdoor); drop it")
@@ -187,9 +193,7 @@ def build_config(values: Mapping[str, Any], command: Command = "defend") -> JobC
                   batch_size=parse_batch_size(o.batch_size), max_memory=parse_memory(o.max_memory))
     if command == "scan":
         cfg = JobConfig(**common, trigger=TriggerSpec(UNKNOWN))
-        # the published command: model and data by their public names, never a path of this machine or a token
-        cfg.command = shlex.join(["hf-gradprune", "scan", cfg.model_shown, "--data", cfg.data_shown, "--spc",
-                                  str(o.spc), "--seed", str(o.seed), "--scan-steps", str(o.scan_steps)])
+        cfg.command = redacted_command(_argv(o, command), command)
         return cfg
     _check_defence(o)
     prune, tune = recipe_configs(o.recipe, train_per_class(o.spc, o.val_ratio),
@@ -204,9 +208,9 @@ def build_config(values: Mapping[str, Any], command: Command = "defend") -> JobC
         baseline=BaselineConfig(tune=_tune(replace(BaselineConfig().tune, alpha=o.alpha), o), fp_step=o.fp_step,
                                 nad_teacher_epochs=o.nad_teacher_epochs, clp_u=o.clp_u, sam_rho=o.sam_rho,
                                 sam_label_smoothing=o.label_smoothing, anp_iters=o.anp_iters, anp_eps=o.anp_eps),
-        mixed_precision=o.mixed_precision, blind=o.blind, force=o.force)
+        mixed_precision=o.mixed_precision, blind=o.blind, force=o.force, from_scan=o.from_scan)
     check_job(cfg)
-    cfg.command = redacted_command(_argv(o, command))
+    cfg.command = redacted_command(_argv(o, command), command)
     return cfg
 
 
@@ -232,15 +236,17 @@ def _argv(o: argparse.Namespace, command: Command) -> list[str]:
 _DROPPED = ("--token", "--source-id", "--data-id")  # a secret, and ids the published MODEL / --data already are
 
 
-def published_argv(argv: list[str]) -> list[str]:
-    """A defence's command line as the card, the report and the Space show it: the token dropped, every local path
-    by its public name (names.py), --source-id / --data-id shown as MODEL / --data themselves."""
-    args = _parser("defend").parse_args(argv)
-    files = {flag: value and file_name(value) for flag, value in (("--trigger-image", args.trigger_image),
-                                                                  ("--trigger-mask", args.trigger_mask))}
+def published_argv(argv: list[str], command: Command = "defend") -> list[str]:
+    """A command line (the flags after the command's name) as the card, the report and the Space show it: the token
+    dropped, every local path by its public name (names.py), --source-id / --data-id shown as MODEL / --data."""
+    args = _parser(command).parse_args(argv)
+    files = {flag: getattr(args, dest, None) and file_name(getattr(args, dest))
+             for flag, dest in (("--trigger-image", "trigger_image"), ("--trigger-mask", "trigger_mask"))}
+    backdoor_data = getattr(args, "backdoor_data", None)
     shown = {"MODEL": public_name(args.model, args.source_id), "--data": public_name(args.data, args.data_id),
-             "--backdoor-data": args.backdoor_data and public_name(args.backdoor_data),
-             "--output": args.output and local_name(args.output), **files}
+             "--backdoor-data": backdoor_data and public_name(backdoor_data),
+             "--output": args.output and local_name(args.output),
+             "--from-scan": getattr(args, "from_scan", None) and local_name(args.from_scan), **files}
     out, i = [], 0
     while i < len(argv):
         flag, eq, _ = argv[i].partition("=")
@@ -256,6 +262,7 @@ def published_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def redacted_command(argv: list[str]) -> str:
-    """The command for the card and report: the one typed, as published_argv shows it."""
-    return shlex.join(["hf-gradprune", *published_argv(argv)])
+def redacted_command(argv: list[str], command: Command = "defend") -> str:
+    """The command for the card and report: the one typed, as published_argv shows it. A defence is shown in its
+    documented bare form (hf-gradprune MODEL ...), any other command by its name."""
+    return shlex.join(["hf-gradprune", *([] if command == "defend" else [command]), *published_argv(argv, command)])

@@ -100,6 +100,10 @@ def add_synthesis(g: argparse._ActionsContainer) -> None:
                         f"few-shot images to the target (default {ScanConfig.keep_flip})")
     g.add_argument("--no-pull-back", action="store_true",
                    help="keep the defended weights as the last round left them")
+    g.add_argument("--from-scan", metavar="DIR",
+                   help="--trigger unknown / --blind: defend against the triggers that an earlier `hf-gradprune scan` "
+                        "of this model synthesised (its output folder), the scan you reviewed, instead of scanning "
+                        "again; refused when the weights differ from the scanned ones")
 
 
 def add_defence(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import run_cli
 from fake_hub import FakeHub
 from hf_gradprune.card import PAPER_URL, allowed_links, homepage, link_allowed
-from hf_gradprune.cli import published_argv
+from hf_gradprune.cli import published_argv, redacted_command
 from hf_gradprune.hub import LOCAL_FILE
 from hf_gradprune.names import sha256_of
 
@@ -200,6 +200,11 @@ def test_published_argv_names_every_path_and_drops_the_token(tmp_path):
     assert published_argv([*argv, "--source-id", "lab/resnet", "--data-id=lab/digits"])[:3] == \
         ["lab/resnet", "--data", "lab/digits"]
     assert published_argv(["org/resnet", "--data", "org/digits"]) == ["org/resnet", "--data", "org/digits"]
+    # a scan's command goes through the same filter, under its own name
+    scan = [str(private / "m/resnet"), "--data", str(private / "d/digits"), "--scan-classes", "20",
+            "--output", str(private / "out")]
+    assert redacted_command(scan, "scan") == \
+        "hf-gradprune scan ./resnet --data ./digits --scan-classes 20 --output ./out"
 
 
 def test_push_command_and_the_space_leave_the_local_file_behind(plain, tmp_path):

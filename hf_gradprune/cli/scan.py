@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import build_config
+from ..config import build_config, redacted_command
 from ..names import public_name
 from ..options import given, scan_flags
 from .console import EXIT_BACKDOORED, progress_bars
@@ -30,6 +30,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..pipeline import run_scan
     cfg = build_config(given(args), "scan")
+    cfg.command = redacted_command(argv, "scan")  # as typed, less the token and local paths
     progress = progress_bars(args.quiet)
     try:
         found, report, out = run_scan(cfg, progress)
