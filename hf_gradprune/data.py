@@ -181,12 +181,17 @@ def decode(split: Dataset, rows: list[int], image_column: str, label_column: str
     if streamed:
         return decode_streamed(split, rows, image_column, label_column, to_pixels, label_map, background)
     sub = split.select(rows) if rows is not None else split
-    pixels, labels = [], []
-    for start in range(0, len(sub), chunk):
+    stacked, labels = None, []
+    for start in range(0, len(sub), chunk):  # each chunk into its place: the decoded set is held once, not twice
         batch = sub[start:start + chunk]
-        pixels.append(to_pixels(batch[image_column]))
+        pixels = to_pixels(batch[image_column])
+        if stacked is None:  # in to_pixels' own memory layout (channels last): the convolutions' kernels, and so
+            # the last bits of every output, follow the layout, which must not depend on how the decode is chunked
+            stacked = np.empty_like(pixels, shape=(len(sub), *pixels.shape[1:]))
+        stacked[start:start + len(pixels)] = pixels
         labels.extend(int(y) if label_map is None else label_map[int(y)] for y in batch[label_column])
-    stacked = np.concatenate(pixels) if pixels else to_pixels([Image.new("RGB", (8, 8))])[:0]
+    if stacked is None:
+        stacked = to_pixels([Image.new("RGB", (8, 8))])[:0]
     return PixelSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.long))
 
 

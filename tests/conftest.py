@@ -10,7 +10,9 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TE
 os.environ.pop("HF_TOKEN", None)
 
 import json  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -18,16 +20,30 @@ from hf_gradprune.cli import main  # noqa: E402
 from hf_gradprune.demo import build_backdoored_digits  # noqa: E402
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
+    """What `build(folder)` returns (JSON-able; paths allowed), built the first time any test of the run asks for
+    `name` and read back from its record after that: a trained model, a scan or a defence that several tests (of
+    several modules, or one per parameter) assert on is made once."""
+    folder = tmp_path_factory.getbasetemp() / "built" / name
+    record = folder.with_suffix(".json")
+    if not record.exists():
+        folder.mkdir(parents=True)
+        record.write_text(json.dumps(build(folder), default=lambda p: {"path": str(p)}))
+    return json.loads(record.read_text(), object_hook=lambda d: Path(d["path"]) if set(d) == {"path"} else d)
+
+
 @pytest.fixture(scope="session")
 def timm_backdoor(tmp_path_factory):
     """A narrow timm ResNet-18 with a real BadNets backdoor (target 0) + a digits dataset, in Hub layout."""
-    return build_backdoored_digits(tmp_path_factory.mktemp("timm"), library="timm", epochs=10)
+    return built_once(tmp_path_factory, "timm", lambda folder: build_backdoored_digits(folder, library="timm",
+                                                                                      epochs=10))
 
 
 @pytest.fixture(scope="session")
 def hf_backdoor(tmp_path_factory):
     """A small transformers ResNetForImageClassification with the same backdoor."""
-    return build_backdoored_digits(tmp_path_factory.mktemp("hf"), library="transformers", epochs=15)
+    return built_once(tmp_path_factory, "hf", lambda folder: build_backdoored_digits(folder, library="transformers",
+                                                                                    epochs=15))
 
 
 # the default (robust) recipe does not prune; the tests of the pruning engine switch its pruning rules on
@@ -44,9 +60,13 @@ def read_report(out: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def timm_result(timm_backdoor, tmp_path_factory):
-    out = tmp_path_factory.mktemp("timm-out") / "sanitised"
-    code = run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet", *PRUNING)
-    assert code == 0
+    def defend(folder: Path) -> Path:
+        out = folder / "sanitised"
+        code = run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet", *PRUNING)
+        assert code == 0
+        return out
+
+    out = built_once(tmp_path_factory, "timm-out", defend)
     return out, read_report(out)
 
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import PRUNING, read_report, run_cli
+from conftest import PRUNING, built_once, read_report, run_cli
 from hf_gradprune.demo import build_backdoored_digits
 from hf_gradprune.hub import Classifier, load_model
 from hf_gradprune.units import KINDS, UnitPruner, find_units
@@ -159,13 +159,17 @@ E2E = {  # a tiny digits model of each family with a real BadNets backdoor, defe
 
 @pytest.fixture(scope="module", params=list(E2E))
 def defended(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    built = build_backdoored_digits(folder, **{"library": "timm", **E2E[request.param]})
-    out = folder / "sanitised"
-    assert run_cli(built["model"], "--data", built["data"], "--output", out, "--quiet", *PRUNING) == 0
+    def build(folder):
+        built = build_backdoored_digits(folder, **{"library": "timm", **E2E[request.param]})
+        out = folder / "sanitised"
+        assert run_cli(built["model"], "--data", built["data"], "--output", out, "--quiet", *PRUNING) == 0
+        return built, out
+
+    built, out = built_once(tmp_path_factory, f"arch-{request.param}", build)
     return built, out, read_report(out), ARCHS[request.param][1]
 
 
+@pytest.mark.slow
 def test_backdoor_removed_by_pruning_units_of_the_architecture(defended):
     built, out, report, kinds = defended
     before, after = report["before"], report["after"]
@@ -175,6 +179,7 @@ def test_backdoor_removed_by_pruning_units_of_the_architecture(defended):
     assert tried and tried <= kinds and {p["kind"] for p in report["pruned"]} <= tried
 
 
+@pytest.mark.slow
 def test_output_reloads_with_the_same_config_and_keys_and_pruned_units_stay_silent(defended):
     built, out, report, _ = defended
     assert json.loads((out / "config.json").read_text()) == json.loads((built["model"] / "config.json").read_text())
@@ -196,6 +201,7 @@ def test_output_reloads_with_the_same_config_and_keys_and_pruned_units_stay_sile
         assert torch.equal(model(x), logits)  # the pruned units are inactive in the saved model
 
 
+@pytest.mark.slow
 def test_card_names_the_unit_kinds(defended):
     built, out, report, _ = defended
     card = (out / "README.md").read_text()
@@ -203,6 +209,7 @@ def test_card_names_the_unit_kinds(defended):
         assert f"| `{unit['layer']}` | {KINDS[unit['kind']]} |" in card
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("defended", ["timm-vit", "timm-convnext", "hf-swin"], indirect=True)
 @pytest.mark.parametrize("method", ["clp", "anp"])
 def test_batch_norm_methods_refuse_a_model_without_one(defended, method, tmp_path, capsys):

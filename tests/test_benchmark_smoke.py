@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"dataset", "model", "attack", "spc", "seed", "before", "after", "rounds", "rounds_tried", "stop_reason",
             "finetune_epochs", "pruned", "timing_s", "wall_s", "per_round_over_floor", "backdoored_model"}
 STAGES = {"load", "evaluate_before", "prune", "per_round", "round_floor", "finetune", "evaluate_after", "total"}
 
 
+@pytest.mark.slow
 def test_smoke_tier(tmp_path):
     results, cache = tmp_path / "results", tmp_path / "cache"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "tiers.py"), "smoke", "--results", str(results),

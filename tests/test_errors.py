@@ -27,6 +27,7 @@ def assert_one_line_error(capsys, out, *fragments, code):
 def run_bad(timm_backdoor, tmp_path, capsys):
     def run(*args, model=None, data=None, expect=()):
         out = tmp_path / "out"
+        capsys.readouterr()  # what building the bad input printed (a library's progress bar) is not the CLI's
         code = run_cli(model or timm_backdoor["model"], "--data", data or timm_backdoor["data"], "--output", out,
                        "--quiet", *args)
         assert_one_line_error(capsys, out, *expect, code=code)

@@ -37,6 +37,7 @@ def test_saved_bytes_grow_with_the_batch_and_the_choice_with_the_budget():
     assert choose_batch_size(model, x, torch.device("cpu"), max_memory=1).batch_size == 1
 
 
+@pytest.mark.slow
 def test_pruning_decisions_do_not_depend_on_the_batch_size(timm_backdoor, tmp_path):
     """Gradients are summed over chunks, checks count over chunks: 7 images at a time prunes what 256 at a time
     does; fine-tuning steps of 128 images are accumulated over chunks of 7 and still remove the backdoor."""
@@ -136,6 +137,11 @@ def test_streamed_images_are_the_decoded_images_chunk_by_chunk(timm_backdoor):
     test = load_splits(str(timm_backdoor["data"]))["test"]
     rows = list(range(3, 203, 2))
     held = decode(test, rows, "image", "label", loaded.to_pixels)
+    # however the decode is chunked, the same pixels in the same memory layout (the convolutions' kernels, and so
+    # the last bits of every output, follow the layout)
+    chunked = decode(test, rows, "image", "label", loaded.to_pixels, chunk=7)
+    assert torch.equal(chunked.pixels, held.pixels) and chunked.pixels.stride() == held.pixels.stride()
+    assert held.pixels.stride() == torch.from_numpy(loaded.to_pixels(test.select(rows[:2])["image"])).stride()
     streamed = decode_streamed(test, rows, "image", "label", loaded.to_pixels)
     assert streamed.streamed and not held.streamed and len(streamed.pixels) == len(held.pixels) == 100
     assert torch.equal(streamed.labels, held.labels)

@@ -2,6 +2,7 @@
 real files that timm reloads."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn as nn
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from conftest import read_report, run_cli
+from conftest import built_once, read_report, run_cli
 from hf_gradprune.hub import load_model
 from hf_gradprune.masks import ChannelMask
 from hf_gradprune.methods import METHODS
@@ -36,19 +37,26 @@ RUNS = {"ft": TUNE, "fp": TUNE, "nad": [*TUNE, "--lr", "0.002"], "ftsam": TUNE, 
 
 
 @pytest.fixture(scope="module")
-def baseline_runs(timm_backdoor, tmp_path_factory):
-    runs = {}
-    for method, extra in RUNS.items():
-        out = tmp_path_factory.mktemp(method) / "out"
+def baseline_run(timm_backdoor, tmp_path_factory) -> Callable[[str], tuple[Path, dict]]:
+    """A method's run on the backdoored model -> (its output, its report), made the first time a test asks for it
+    (each method apart, so that the test processes share the six runs out instead of waiting on one another)."""
+    def defend(method: str, folder: Path) -> Path:
+        out = folder / "out"
         assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet",
-                       "--method", method, *extra) == 0
-        runs[method] = out, read_report(out)
-    return runs
+                       "--method", method, *RUNS[method]) == 0
+        return out
+
+    def run(method: str) -> tuple[Path, dict]:
+        out = built_once(tmp_path_factory, f"baseline-{method}", lambda folder: defend(method, folder))
+        return out, read_report(out)
+
+    return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ft", "fp", "nad", "ftsam", "anp"])
-def test_baseline_lowers_asr_within_alpha(baseline_runs, method):
-    _, report = baseline_runs[method]
+def test_baseline_lowers_asr_within_alpha(baseline_run, method):
+    _, report = baseline_run(method)
     before, after = report["before"], report["after"]
     assert before["asr"] > 0.9  # the fixture really is backdoored
     assert after["asr"] < before["asr"] - 0.05, (method, before, after)
@@ -60,10 +68,11 @@ def test_baseline_lowers_asr_within_alpha(baseline_runs, method):
             assert report["prune"]["curve"][0]["val_acc"] - step["val_acc"] <= 0.10 + 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(RUNS))
-def test_baseline_output_reloads_and_card_names_the_method(baseline_runs, timm_backdoor, method):
+def test_baseline_output_reloads_and_card_names_the_method(baseline_run, timm_backdoor, method):
     import timm
-    out, report = baseline_runs[method]
+    out, report = baseline_run(method)
     assert report["method"]["name"] == method and report["tool"]["method"] == method
     assert f"--method {method}" in report["command"]
     card = ModelCard.load(out / "README.md")
@@ -82,8 +91,9 @@ def test_baseline_output_reloads_and_card_names_the_method(baseline_runs, timm_b
         assert "does not use triggered images" in card.text
 
 
-def test_fp_keeps_the_last_step_within_alpha_and_the_mask_through_fine_tuning(baseline_runs):
-    out, report = baseline_runs["fp"]
+@pytest.mark.slow
+def test_fp_keeps_the_last_step_within_alpha_and_the_mask_through_fine_tuning(baseline_run):
+    out, report = baseline_run("fp")
     details = report["prune"]
     curve = details["curve"]
     kept = details["kept_channels"]
@@ -100,8 +110,9 @@ def test_fp_keeps_the_last_step_within_alpha_and_the_mask_through_fine_tuning(ba
     assert scores == sorted(scores)  # least activated first
 
 
-def test_anp_zeroes_the_norm_scales_it_reports(baseline_runs, timm_backdoor):
-    out, report = baseline_runs["anp"]
+@pytest.mark.slow
+def test_anp_zeroes_the_norm_scales_it_reports(baseline_run, timm_backdoor):
+    out, report = baseline_run("anp")
     saved, source = load_file(out / "model.safetensors"), load_file(Path(timm_backdoor["model"]) / "model.safetensors")
     assert report["pruned"] and report["prune"]["threshold"] > 0
     for p in report["pruned"]:
@@ -111,8 +122,9 @@ def test_anp_zeroes_the_norm_scales_it_reports(baseline_runs, timm_backdoor):
     assert changed == {f"{p['layer']}.weight" for p in report["pruned"]}  # no fine-tuning, nothing else moved
 
 
-def test_clp_is_data_free_and_changes_only_the_channels_it_reports(baseline_runs, timm_backdoor, tmp_path):
-    out, report = baseline_runs["clp"]
+@pytest.mark.slow
+def test_clp_is_data_free_and_changes_only_the_channels_it_reports(baseline_run, timm_backdoor, tmp_path):
+    out, report = baseline_run("clp")
     assert report["pruned"], "u = 3 finds outlier channels in this model"
     # data-free: another few-shot draw (seed, SPC) gives the same channels and the same weights
     other = tmp_path / "other"
@@ -151,17 +163,19 @@ def test_clp_is_data_free_and_changes_only_the_channels_it_reports(baseline_runs
     assert [p["index"] for p in report["pruned"] if p["layer"] == layer] == expected
 
 
-def test_baseline_same_seed_same_weights(baseline_runs, timm_backdoor, tmp_path):
+@pytest.mark.slow
+def test_baseline_same_seed_same_weights(baseline_run, timm_backdoor, tmp_path):
     out = tmp_path / "again"
     assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet",
                    "--method", "ftsam", *RUNS["ftsam"]) == 0
-    first_out, first = baseline_runs["ftsam"]
+    first_out, first = baseline_run("ftsam")
     assert (read_report(out)["after"], read_report(out)["finetune_epochs"]) == \
         (first["after"], first["finetune_epochs"])
     a, b = load_file(out / "model.safetensors"), load_file(first_out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fp", "nad"])
 def test_baselines_on_transformers(hf_backdoor, tmp_path, method):
     """FP finds transformers' classifier and NAD its stage outputs (hidden states), generically."""
@@ -226,9 +240,10 @@ def test_channel_mask_undo_and_reapply():
     assert p[:, 2].abs().sum() == 0 and len(mask) == 1
 
 
-def test_fp_fine_tuning_stays_within_alpha_of_the_unpruned_model(baseline_runs):
+@pytest.mark.slow
+def test_fp_fine_tuning_stays_within_alpha_of_the_unpruned_model(baseline_run):
     """One alpha for the whole defence: every epoch FP keeps is within alpha of the model BEFORE pruning."""
-    _, report = baseline_runs["fp"]
+    _, report = baseline_run("fp")
     base = report["prune"]["curve"][0]["val_acc"]
     accs = report["finetune"]["val_accs"]
     assert base - accs[report["finetune"]["best_epoch"]] <= 0.10 + 1e-9

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import read_report
+from conftest import built_once, read_report
 from hf_gradprune.parallel import Procs, synced_batch_norm
 
 # Small batches, so that the scoring, evaluation and fine-tuning work really is shared out between the 2 processes.
@@ -51,15 +52,19 @@ def run_one_thread(args, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def one_and_two(timm_backdoor, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("procs")
-    single, double = tmp / "single", tmp / "double"
-    common = [timm_backdoor["model"], "--data", timm_backdoor["data"], *ARGS]
-    run_one_thread([*common, "--output", single], tmp)
-    proc = launch([*common, "--output", double], tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return single, double, proc
+    """The same job on one process and on two (accelerate launch) -> (single, double, the launch's stdout)."""
+    def run_both(tmp: Path) -> tuple[Path, Path, str]:
+        single, double = tmp / "single", tmp / "double"
+        common = [timm_backdoor["model"], "--data", timm_backdoor["data"], *ARGS]
+        run_one_thread([*common, "--output", single], tmp)
+        proc = launch([*common, "--output", double], tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return single, double, proc.stdout
+
+    return tuple(built_once(tmp_path_factory, "procs", run_both))
 
 
+@pytest.mark.slow
 def test_two_processes_prune_the_same_filters_and_measure_the_same(one_and_two):
     single, double, _ = one_and_two
     one, two = read_report(single), read_report(double)
@@ -83,8 +88,9 @@ def test_two_processes_prune_the_same_filters_and_measure_the_same(one_and_two):
     assert two["finetune"]["val_accs"] == one["finetune"]["val_accs"]
 
 
+@pytest.mark.slow
 def test_two_processes_save_the_same_weights_once(one_and_two):
-    single, double, proc = one_and_two
+    single, double, stdout = one_and_two
     w1, w2 = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
     assert w1.keys() == w2.keys()
     for k in w1:
@@ -96,10 +102,11 @@ def test_two_processes_save_the_same_weights_once(one_and_two):
     for p in pruned:  # pruned filters stayed pruned on the replicas through data-parallel fine-tuning
         assert w2[f"{p['layer']}.weight"][p["index"]].abs().sum() == 0
     # only the main process wrote (a second writer would have failed on the existing folder) and reported
-    assert proc.stdout.count("output:") == 1
+    assert stdout.count("output:") == 1
     assert [name for name in os.listdir(double.parent) if "double" in name] == ["double"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_bf16_fine_tuning_keeps_the_fp32_filter_choices(one_and_two, timm_backdoor, tmp_path):
     single, _, _ = one_and_two
     out = tmp_path / "bf16"

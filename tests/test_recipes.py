@@ -4,12 +4,13 @@ gradient score is made the largest of all by a reparametrisation that leaves the
 
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import read_report, run_cli
+from conftest import built_once, read_report, run_cli
 from hf_gradprune.cli import job_config
 from hf_gradprune.finetune import TuneConfig
 from hf_gradprune.pipeline import JobConfig, prepare
@@ -17,23 +18,28 @@ from hf_gradprune.prune import CheckStats, FilterPruner, PruneConfig, filter_sco
 from hf_gradprune.recipes import RECIPES, recipe_configs
 from test_main_job import assert_backdoor_removed
 
-ALPHA = 0.10
-# 3 validation images per class (7 train + 3 val at SPC 10), so that "breaks alpha on the validation split" is a
-# margin of several images and not the one image that decided the run in the issue this test comes from
-VAL = ["--val-ratio", "0.3"]
+ALPHA = 0.10  # the default; the trap tests run at half the trap's cost when that is less (_make_trap)
+# 10 validation images per class (10 train + 10 val at SPC 20), so that "breaks alpha on the validation split" is a
+# margin of many images and not the one image that decided the run in the issue this test comes from
+FEW_SHOT = ["--spc", "20", "--val-ratio", "0.5"]
 
 
-@pytest.fixture(scope="module")
-def trap(timm_backdoor, tmp_path_factory):
+def _make_trap(timm_backdoor: dict, root: Path) -> tuple[Path, str, int, float]:
     """The backdoored digits model with its first pruning candidate made a trap: the filter whose removal costs the
     most clean few-shot accuracy gets its conv weights scaled by s and the running statistics of the norm it feeds by
     s and s^2. In eval mode the model computes the same function, but that filter's gradient grows by 1/s: the
-    paper's score is not scale-invariant, as the 1x1 shortcut convs it favours on real models show."""
-    job = prepare(JobConfig(model=str(timm_backdoor["model"]), data=str(timm_backdoor["data"]), val_ratio=0.3))
+    paper's score is not scale-invariant, as the 1x1 shortcut convs it favours on real models show.
+
+    How much the trap costs depends on the trained model, and so on the machine that trained it (measured on the
+    same CPU: 17 % of few-shot accuracy when trained on 1 thread, 65 % on 2). The tests run at an alpha of half that
+    cost (at most the default 0.10), so "breaks alpha" holds with a margin of two on any machine: returns (model
+    folder, trap layer, trap filter, alpha)."""
+    job = prepare(JobConfig(model=str(timm_backdoor["model"]), data=str(timm_backdoor["data"]), spc=20,
+                            val_ratio=0.5))
     model, t = job.loaded.model, job.tensors
-    pruner = FilterPruner(model, job.loaded.net, t["train"][:1])
-    clean, labels = torch.cat([t["train"], t["val"]]), torch.cat([t["train_y"], t["val_y"]])
-    n_val = len(t["val_y"])
+    pruner = FilterPruner(model, job.loaded.net, t.train[:1])
+    clean, labels = torch.cat([t.train, t.val]), torch.cat([t.train_y, t.val_y])
+    n_val = len(t.val_y)
 
     @torch.inference_mode()
     def misses() -> torch.Tensor:  # per image: wrong or not, the val images last
@@ -49,14 +55,19 @@ def trap(timm_backdoor, tmp_path_factory):
             now = misses()
             drops[(i, f)] = (int(now.sum() - base.sum()), int(now[-n_val:].sum() - base[-n_val:].sum()))
             pruner.undo_last()
-    conv_idx, f_trap = max(drops, key=lambda k: drops[k])
-    name = pruner.convs[conv_idx][0]
-    # the situation: removing this one filter costs at least twice the misses alpha tolerates, on both the few-shot set
-    # and the val split
-    assert drops[(conv_idx, f_trap)][0] >= 2 * ALPHA * len(labels), drops[(conv_idx, f_trap)]
-    assert drops[(conv_idx, f_trap)][1] >= 2 * ALPHA * n_val, drops[(conv_idx, f_trap)]
+    def cost(k: tuple[int, int]) -> float:  # the share of accuracy its removal costs: the less of the two checks
+        return min(drops[k][0] / len(labels), drops[k][1] / n_val)
 
-    scores = filter_scores(model, pruner.convs, t["trig_train"], t["train_y"], 256)
+    conv_idx, f_trap = max(drops, key=lambda k: (cost(k), drops[k]))
+    name = pruner.convs[conv_idx][0]
+    alpha = min(ALPHA, cost((conv_idx, f_trap)) / 2)
+    # the situation: a real trap (its removal costs at least the default alpha of the clean accuracy), and at least
+    # twice the misses the test's alpha tolerates, on both the few-shot set and the val split
+    assert cost((conv_idx, f_trap)) >= ALPHA, drops[(conv_idx, f_trap)]
+    assert drops[(conv_idx, f_trap)][0] >= 2 * alpha * len(labels), drops[(conv_idx, f_trap)]
+    assert drops[(conv_idx, f_trap)][1] >= 2 * alpha * n_val, drops[(conv_idx, f_trap)]
+
+    scores = filter_scores(model, pruner.convs, t.trig_train, t.train_y, 256)
     s = 0.25 * float(scores[pruner.offsets[conv_idx] + f_trap]) / float(scores.max())  # its score: 4x the largest
     modules = {m: n for n, m in job.loaded.net.named_modules()}
     norm = pruner.norms[name][0]
@@ -66,34 +77,41 @@ def trap(timm_backdoor, tmp_path_factory):
     weights[f"{name}.weight"][f_trap] *= s
     weights[f"{modules[norm]}.running_mean"][f_trap] *= s
     weights[f"{modules[norm]}.running_var"][f_trap] = s * s * (var + norm.eps) - norm.eps
-    folder = tmp_path_factory.mktemp("trap") / "model"
+    folder = root / "model"
     shutil.copytree(timm_backdoor["model"], folder)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder, name, f_trap
+    return folder, name, f_trap, alpha
+
+
+@pytest.fixture(scope="module")
+def trap(timm_backdoor, tmp_path_factory):
+    return tuple(built_once(tmp_path_factory, "trap", lambda root: _make_trap(timm_backdoor, root)))
 
 
 def _run(trap, data, tmp_path, *extra):
     out = tmp_path / "out"
-    assert run_cli(trap[0], "--data", data, "--output", out, "--quiet", *VAL, *extra) == 0
+    assert run_cli(trap[0], "--data", data, "--output", out, "--quiet", *FEW_SHOT, "--alpha", trap[3], *extra) == 0
     return read_report(out)
 
 
+@pytest.mark.slow
 def test_paper_recipe_stops_on_the_trap(trap, timm_backdoor, tmp_path):
     report = _run(trap, timm_backdoor["data"], tmp_path, "--recipe", "paper")
     rounds = report["prune"]["rounds"]
     # the trap really is the first candidate, and the paper's rule ends pruning on it with nothing kept
-    assert [(r["layer"], r["index"]) for r in rounds] == [trap[1:]]
+    assert [(r["layer"], r["index"]) for r in rounds] == [trap[1:3]]
     assert report["prune"]["stop_reason"] == "accuracy" and report["prune"]["kept_rounds"] == 0
     assert report["pruned"] == [] and report["rounds"] == 0
     assert report["method"]["recipe"] == "paper"
 
 
+@pytest.mark.slow
 def test_robust_pruning_skips_the_trap_and_removes_the_backdoor(trap, timm_backdoor, tmp_path):
     """The robust recipe with pruning switched on (`--max-rounds`): the trap is undone and skipped, never kept."""
     report = _run(trap, timm_backdoor["data"], tmp_path, "--max-rounds", "500")
     first = report["prune"]["rounds"][0]
-    assert (first["layer"], first["index"], first["undone"]) == (*trap[1:], True)
-    assert trap[1:] not in [(p["layer"], p["index"]) for p in report["pruned"]]
+    assert (first["layer"], first["index"], first["undone"]) == (*trap[1:3], True)
+    assert trap[1:3] not in [(p["layer"], p["index"]) for p in report["pruned"]]
     assert len(report["pruned"]) >= 1
     assert_backdoor_removed(report)
     weights = load_file(tmp_path / "out" / "model.safetensors")
@@ -102,6 +120,7 @@ def test_robust_pruning_skips_the_trap_and_removes_the_backdoor(trap, timm_backd
         assert weights[f"{p['layer']}.weight"][p["index"]].abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_default_recipe_removes_the_backdoor_the_paper_recipe_left(trap, timm_backdoor, tmp_path):
     report = _run(trap, timm_backdoor["data"], tmp_path)
     assert report["method"]["recipe"] == "robust"

@@ -363,6 +363,7 @@ def test_bad_input_shows_the_cli_message(space, browser, timm_backdoor, capfd):
     page.close()
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_demo_button_fills_the_form(space, browser):
     url, _ = space

@@ -5,7 +5,10 @@ All three train with random-crop augmentation, as real checkpoints are: digits m
 brittle enough that a 2 % patch sends 90 % of digits to one class with no poison at all (2 of 2 such clean models
 were flagged; docs/unknown-trigger.md)."""
 
+import contextlib
+import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import read_report, run_cli
+from conftest import built_once, read_report, run_cli
 from hf_gradprune.demo import build_backdoored_digits, digits, noise_pattern
 from hf_gradprune.finetune import TuneConfig, run_epochs
 from hf_gradprune.hub import load_model
 from hf_gradprune.metrics import attack_metrics
-from hf_gradprune.pipeline import SCAN_FILE, TRIGGER_FILE
 from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
+from hf_gradprune.report import SCAN_FILE, TRIGGER_FILE, ScanSummary
+from hf_gradprune.saved_scan import TRIGGERS_FILE
 from hf_gradprune.synth import PULL_BACK_SHARES, Synthesised, pull_back
 from hf_gradprune.triggers import TriggerSpec, make_trigger
 
@@ -31,20 +35,26 @@ RECIPE = {"epochs": 10, "augment": True}
 
 @pytest.fixture(scope="module")
 def badnet_backdoor(tmp_path_factory):
-    return {**build_backdoored_digits(tmp_path_factory.mktemp("badnet"), **RECIPE), "spec": TriggerSpec("badnet")}
+    built = built_once(tmp_path_factory, "badnet", lambda folder: build_backdoored_digits(folder, **RECIPE))
+    return {**built, "spec": TriggerSpec("badnet")}
+
+
+def _blended(folder: Path) -> dict:
+    spec = TriggerSpec("blended", image=str(noise_pattern(folder / "noise.png")), alpha=0.2)
+    return {**build_backdoored_digits(folder, trigger=spec, **RECIPE), "image": spec.image}
 
 
 @pytest.fixture(scope="module")
 def blended_backdoor(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("blended")
-    spec = TriggerSpec("blended", image=str(noise_pattern(folder / "noise.png")), alpha=0.2)
-    return {**build_backdoored_digits(folder, trigger=spec, **RECIPE), "spec": spec}
+    built = built_once(tmp_path_factory, "blended", _blended)
+    return {**built, "spec": TriggerSpec("blended", image=built["image"], alpha=0.2)}
 
 
 @pytest.fixture(scope="module")
 def clean_model(tmp_path_factory):
     """The BadNets fixture's recipe without a single poisoned image."""
-    return build_backdoored_digits(tmp_path_factory.mktemp("clean"), poison_rate=0.0, **RECIPE)
+    return built_once(tmp_path_factory, "clean", lambda folder: build_backdoored_digits(folder, poison_rate=0.0,
+                                                                                       **RECIPE))
 
 
 def square_patch(folder: Path, top: int, left: int, colours: tuple, size: int = 4) -> TriggerSpec:
@@ -65,10 +75,16 @@ def two_backdoors(tmp_path_factory):
     one in the centre to class 7 (neither is the zoo's bottom-right square, nor class 0). A plain yellow square in
     the centre stood out less (index 2.9 against 1.9 for the most brittle clean class, 1 thread), too near the
     threshold for a test that must hold on any machine; the checkerboard: 3.6 against 0.9."""
-    folder = tmp_path_factory.mktemp("two")
-    specs = {1: square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0))),
-             7: square_patch(folder / "centre", 14, 14, ((255, 255, 0), (0, 0, 255)))}
-    built = build_backdoored_digits(folder, target=1, trigger=specs[1], more=((specs[7], 7),), **RECIPE)
+    def build(folder: Path) -> dict:
+        specs = {1: square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0))),
+                 7: square_patch(folder / "centre", 14, 14, ((255, 255, 0), (0, 0, 255)))}
+        return build_backdoored_digits(folder, target=1, trigger=specs[1], more=((specs[7], 7),), **RECIPE)
+
+    built = built_once(tmp_path_factory, "two", build)
+    folder = Path(built["model"]).parent
+    specs = {target: TriggerSpec("patch", image=str(folder / place / "pattern.png"),
+                                 mask=str(folder / place / "mask.png"))
+             for target, place in ((1, "top-left"), (7, "centre"))}
     return {**built, "specs": specs}
 
 
@@ -76,14 +92,29 @@ def two_backdoors(tmp_path_factory):
 def twenty_classes(tmp_path_factory):
     """Digits in white and orange (20 classes, more than the 10 the scan synthesises for in full): a red / green
     checkerboard at the top-left sends them to class 13 (three, orange)."""
-    folder = tmp_path_factory.mktemp("twenty")
-    spec = square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0)))
-    return build_backdoored_digits(folder, target=13, trigger=spec, tints=2, **RECIPE)
+    def build(folder: Path) -> dict:
+        spec = square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0)))
+        return build_backdoored_digits(folder, target=13, trigger=spec, tints=2, **RECIPE)
+
+    return built_once(tmp_path_factory, "twenty", build)
 
 
 @pytest.fixture(scope="module")
 def backdoors(badnet_backdoor, blended_backdoor):
     return {"badnet": badnet_backdoor, "blended": blended_backdoor}
+
+
+@pytest.fixture(scope="module")
+def scanned(backdoors, tmp_path_factory) -> Callable[[str], tuple[int, Path, str]]:
+    """`hf-gradprune scan --fail-if-backdoored` of a backdoored model -> (exit code, output folder, what it printed),
+    made once: the tests of the defences read this scan back (--from-scan) instead of scanning again."""
+    def scan(attack: str, folder: Path) -> tuple[int, Path, str]:
+        b, out, printed = backdoors[attack], folder / "scan", io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--quiet", "--fail-if-backdoored")
+        return code, out, printed.getvalue()
+
+    return lambda attack: tuple(built_once(tmp_path_factory, f"scan-{attack}", lambda folder: scan(attack, folder)))
 
 
 def trigger_flags(spec: TriggerSpec) -> list:
@@ -99,11 +130,11 @@ def real_metrics(model_dir, spec: TriggerSpec, target: int = 0):
     return attack_metrics(model, clean, make_trigger(spec, (32, 32))(clean), torch.from_numpy(y), target)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["badnet", "blended"])
-def test_scan_finds_the_target_and_writes_the_trigger(backdoors, attack, tmp_path, capsys):
-    b = backdoors[attack]
-    out = tmp_path / "scan"
-    assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--quiet", "--fail-if-backdoored") == 1
+def test_scan_finds_the_target_and_writes_the_trigger(scanned, attack):
+    code, out, printed = scanned(attack)
+    assert code == 1
     report = json.loads((out / SCAN_FILE).read_text())
     assert report["backdoored"] is True and report["target"] == 0 and report["target_name"] == "zero"
     assert report["anomaly_index"] > report["threshold"]
@@ -113,16 +144,17 @@ def test_scan_finds_the_target_and_writes_the_trigger(backdoors, attack, tmp_pat
         assert png.name in report["files"]
         with Image.open(png) as img:
             assert img.size[0] > img.size[1] > 0  # trigger | clean image | stamped, side by side
-    printed = capsys.readouterr().out
+    assert TRIGGERS_FILE in report["files"] and len(report["source"]["weights_sha256"]) == 64  # for --from-scan
     assert "backdoored: target class 0 (zero)" in printed and f"evidence: {report['evidence']}" in printed
-    # without the gate the same verdict exits 0
-    assert run_cli("scan", b["model"], "--data", b["data"], "--output", out, "--overwrite", "--quiet") == 0
+    # without the gate a backdoored verdict exits 0: test_with_more_classes_than_it_scans_the_screen_picks_the_target
 
 
+@pytest.mark.slow
 def test_with_more_classes_than_it_scans_the_screen_picks_the_target(twenty_classes, tmp_path):
     out = tmp_path / "scan"
     assert run_cli("scan", twenty_classes["model"], "--data", twenty_classes["data"], "--output", out, "--quiet") == 0
     report = json.loads((out / SCAN_FILE).read_text())
+    # a backdoor found, and exit 0 all the same: without --fail-if-backdoored the scan does not gate
     assert report["backdoored"] is True and report["target"] == 13 and report["target_name"] == "three-orange"
     # every class screened, the target the most promising; 10 classes (the target among them) scanned in full
     promise = {int(c): v for c, v in report["probe"]["screen_promise"].items()}
@@ -131,6 +163,7 @@ def test_with_more_classes_than_it_scans_the_screen_picks_the_target(twenty_clas
     assert len(report["per_class"]) == 10 and 13 in report["scanned_classes"]
 
 
+@pytest.mark.slow
 def test_scan_calls_a_clean_model_clean_and_unknown_leaves_it_untouched(clean_model, tmp_path, capsys):
     out = tmp_path / "scan"
     assert run_cli("scan", clean_model["model"], "--data", clean_model["data"], "--output", out, "--quiet",
@@ -139,25 +172,34 @@ def test_scan_calls_a_clean_model_clean_and_unknown_leaves_it_untouched(clean_mo
     assert report["backdoored"] is False and report["target"] is None
     assert report["anomaly_index"] <= report["threshold"]
     capsys.readouterr()
-    defended = tmp_path / "defended"
-    assert run_cli(clean_model["model"], "--data", clean_model["data"], "--trigger", "unknown", "--output", defended,
-                   "--quiet") == 0
+    defended = tmp_path / "defended"  # the scan above, read back (--from-scan): the job's own scan is tested with
+    # two backdoors, where it must equal the `scan` command's
+    assert run_cli(clean_model["model"], "--data", clean_model["data"], "--trigger", "unknown", "--from-scan", out,
+                   "--output", defended, "--quiet") == 0
     assert not defended.exists()  # nothing written
     assert "no backdoor found" in capsys.readouterr().out
     # --force defends all the same, against the most suspicious class, and says the scan called it clean
     assert run_cli(clean_model["model"], "--data", clean_model["data"], "--trigger", "unknown", "--force",
-                   "--output", defended, "--quiet", "--max-epochs", "2") == 0
+                   "--from-scan", out, "--output", defended, "--quiet", "--max-epochs", "2") == 0
     forced = read_report(defended)
     assert forced["scan"]["backdoored"] is False and "no backdoor found" in (defended / "README.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["badnet", "blended"])
-def test_unknown_trigger_removes_the_real_backdoor(backdoors, attack, tmp_path):
-    b = backdoors[attack]
+def test_unknown_trigger_removes_the_real_backdoor(backdoors, scanned, attack, tmp_path):
+    """The defence of the scan a user reviewed: --from-scan reads its triggers (the job's own scan: the two-backdoor
+    test)."""
+    b, (_, scan_dir, _) = backdoors[attack], scanned(attack)
     out = tmp_path / "out"
-    assert run_cli(b["model"], "--data", b["data"], "--trigger", "unknown", "--output", out, "--quiet") == 0
+    assert run_cli(b["model"], "--data", b["data"], "--trigger", "unknown", "--from-scan", scan_dir, "--output", out,
+                   "--quiet") == 0
     report = read_report(out)
+    scan = json.loads((scan_dir / SCAN_FILE).read_text())
+    assert report["scan"]["from_scan"] == "./scan" and report["scan"]["per_class"] == scan["per_class"]
+    assert "--from-scan ./scan" in report["command"]
     assert report["scan"]["backdoored"] and report["scan"]["defence_target"] == 0 and report["target"]["index"] == 0
+    assert set(report["scan"]) <= set(ScanSummary.__annotations__)  # the typed record the card reads
     assert report["trigger"].startswith("synthesised") and "real trigger is unknown" in report["trigger"]
     assert TRIGGER_FILE in report["files"] and (out / TRIGGER_FILE).is_file()
     card = (out / "README.md").read_text()
@@ -184,12 +226,13 @@ def test_unknown_trigger_removes_the_real_backdoor(backdoors, attack, tmp_path):
     assert after.acc >= before.acc - ALPHA
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["badnet", "blended"])
-def test_blind_defence_never_sees_the_trigger_it_is_measured_with(backdoors, attack, tmp_path):
+def test_blind_defence_never_sees_the_trigger_it_is_measured_with(backdoors, scanned, attack, tmp_path):
     b = backdoors[attack]
     out = tmp_path / "out"
-    assert run_cli(b["model"], "--data", b["data"], *trigger_flags(b["spec"]), "--blind", "--output", out,
-                   "--quiet") == 0
+    assert run_cli(b["model"], "--data", b["data"], *trigger_flags(b["spec"]), "--blind", "--from-scan",
+                   scanned(attack)[1], "--output", out, "--quiet") == 0
     report = read_report(out)
     assert report["scan"]["blind"] and report["scan"]["target_matches_measured"]
     assert report["before"]["asr"] > 0.9 and report["after"]["asr"] < 0.1, (report["before"], report["after"])
@@ -199,6 +242,7 @@ def test_blind_defence_never_sees_the_trigger_it_is_measured_with(backdoors, att
     assert abs(real_metrics(out, b["spec"]).asr - report["after"]["asr"]) < 0.02
 
 
+@pytest.mark.slow
 def test_two_backdoors_top_left_and_centre_are_both_named_and_both_removed(two_backdoors, tmp_path, capsys):
     b = two_backdoors
     assert min(b["asrs"]) > 0.9
@@ -218,6 +262,8 @@ def test_two_backdoors_top_left_and_centre_are_both_named_and_both_removed(two_b
     defended = tmp_path / "defended"
     assert run_cli(b["model"], "--data", b["data"], "--trigger", "unknown", "--output", defended, "--quiet") == 0
     scan = read_report(defended)["scan"]
+    # the job's own scan is the `scan` command's: same seed, same images, same numbers
+    assert scan["per_class"] == report["per_class"] and scan["suspects"] == report["suspects"]
     assert scan["defence_targets"] == [1, 7] and [t["class"] for t in scan["unlearning"]["flips_after"]] == [1, 7]
     assert all(t["flip"] <= 0.1 for t in scan["unlearning"]["flips_after"])
     assert "worked against each of them: classes\n  1, 7" in (defended / "README.md").read_text()
@@ -266,9 +312,22 @@ def test_pull_back_keeps_the_smallest_share_of_the_change_that_keeps_the_trigger
     assert float(loose.lin.weight[0, 0]) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
+def test_a_scan_of_other_weights_is_refused(backdoors, scanned, tmp_path, capsys):
+    b = backdoors["badnet"]
+    code = run_cli(b["model"], "--data", b["data"], "--trigger", "unknown", "--from-scan", scanned("blended")[1],
+                   "--output", tmp_path / "o", "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and "that scan was made on other weights" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_synthesis_flags_are_checked(timm_backdoor, tmp_path, capsys):
     b = timm_backdoor
-    cases = [(["--trigger", "unknown", "--blind"], "--blind needs the real trigger"),
+    cases = [(["--trigger", "unknown", "--from-scan", tmp_path], "no scan_report.json there; give the output folder"),
+             (["--from-scan", tmp_path], "only --trigger unknown / --blind"),
+             (["--trigger", "unknown", "--from-scan", tmp_path, "--target", "3"], "the scan named the target"),
+             (["--trigger", "unknown", "--blind"], "--blind needs the real trigger"),
              (["--force"], "--force only applies"),
              (["--trigger", "unknown", "--keep-flip", "1.5"], "--keep-flip 1.5"),
              (["--trigger", "unknown", "--scan-steps", "0"], "--scan-steps 0")]
