@@ -1,9 +1,12 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from hf_gradprune.cli import main
 
 
+@pytest.mark.slow
 def test_demo_really_removes_the_backdoor(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out

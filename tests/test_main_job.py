@@ -109,6 +109,7 @@ def test_card_metadata_parses_back(timm_result):
     assert sorted(p.name for p in out.iterdir() if p.name != LOCAL_FILE) == sorted(report["files"])  # + local-only
 
 
+@pytest.mark.slow
 def test_same_seed_same_filters_and_numbers(timm_backdoor, timm_result, tmp_path):
     _, first = timm_result
     out = tmp_path / "again"
@@ -151,6 +152,7 @@ def test_named_target_and_eval_limit(timm_backdoor, tmp_path):
     assert len(report["prune"]["rounds"]) <= 2 and report["finetune_epochs"] <= 1
 
 
+@pytest.mark.slow
 def test_opt_in_score_variant_is_used_and_said_in_the_card(timm_backdoor, timm_result, tmp_path):
     out = tmp_path / "variant"
     assert run_cli(timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", out, "--quiet",

@@ -79,6 +79,7 @@ def _few_digits(per_class_train: int = 12, per_class_test: int = 20) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_image_folder_classes_are_aligned_to_the_model_by_name(timm_backdoor, tmp_path):
     data = tmp_path / "digits-folder"
     _image_folder(data, DIGIT_NAMES, _few_digits())  # alphabetical on disk: eight, five, four, nine, one, ...
@@ -164,6 +165,7 @@ def test_streamed_images_are_the_decoded_images_chunk_by_chunk(timm_backdoor):
     assert decoder.decoded_images - before <= 100 + 16  # each image once (one chunk may have been prefetched before)
 
 
+@pytest.mark.slow
 def test_a_test_set_too_large_to_hold_is_streamed_with_the_same_result(timm_backdoor, timm_result, tmp_path,
                                                                        monkeypatch):
     """The job with its test set streamed measures, prunes and reports exactly what it does with the set held."""

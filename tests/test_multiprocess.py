@@ -120,6 +120,7 @@ def test_bf16_fine_tuning_keeps_the_fp32_filter_choices(one_and_two, timm_backdo
     assert bf16["after"]["asr"] < 0.2
 
 
+@pytest.mark.slow
 def test_cpu_flag_that_starts_one_process_fails_loudly(timm_backdoor, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process: refuse, rather than run unsynchronised."""
     proc = launch([timm_backdoor["model"], "--data", timm_backdoor["data"], "--output", tmp_path / "out", "--quiet"],

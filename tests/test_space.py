@@ -378,6 +378,7 @@ def test_demo_button_fills_the_form(space, browser):
     page.close()
 
 
+@pytest.mark.slow
 def test_planted_demo_backdoor_is_found_and_removed(space):
     """The Space's "plant a backdoor" button: two zips as a user would upload them, a backdoor the job removes.
     (Built in the app's own work folder, so the browser test of the button finds it ready.)"""
