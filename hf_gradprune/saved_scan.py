@@ -81,10 +81,20 @@ def load_scan(folder: str | Path, weights: str, num_classes: int) -> ScanResult:
     config = {**report["config"]["scan"], "threshold": report["threshold"]}  # the job's config holds the scan's
     timing = {"scan": 0.0, "scan_as_read": report["timing_s"].get("scan", 0.0)}  # no time spent scanning here
     result = ScanResult(report["backdoored"], report["target"], report["best_class"], report["anomaly_index"],
-                        report["family"], report["scanned_classes"], per_class, saved[chosen], report["probe"],
+                        report["family"], report["scanned_classes"], per_class, saved[chosen],
+                        _class_keys(report["probe"]),
                         config, timing, [s["class"] for s in report["suspects"]])
     missing = [c for c in result.defence_targets if c not in saved]
     if missing:
         raise UserError(f"{flag}: {TRIGGERS_FILE} lacks the triggers of class {missing[0]}; rerun the scan")
     result.suspect_triggers = {c: saved[c] for c in result.defence_targets}
     return result
+
+
+def _class_keys(value: object) -> object:
+    """JSON turned the per-class dicts' class keys (the screen's promise, the probe's hits) into strings: back to
+    the ints the scan wrote."""
+    if isinstance(value, dict):
+        numeric = bool(value) and all(isinstance(k, str) and k.lstrip("-").isdigit() for k in value)
+        return {(int(k) if numeric else k): _class_keys(v) for k, v in value.items()}
+    return value

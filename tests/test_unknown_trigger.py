@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,14 @@ from PIL import Image
 
 from conftest import built_once, read_report, run_cli
 from hf_gradprune.demo import build_backdoored_digits, digits, noise_pattern
+from hf_gradprune.errors import UserError
 from hf_gradprune.finetune import TuneConfig, run_epochs
 from hf_gradprune.hub import load_model
 from hf_gradprune.metrics import attack_metrics
 from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
 from hf_gradprune.report import SCAN_FILE, TRIGGER_FILE, ScanSummary
-from hf_gradprune.saved_scan import TRIGGERS_FILE
-from hf_gradprune.synth import PULL_BACK_SHARES, Synthesised, pull_back
+from hf_gradprune.saved_scan import TRIGGERS_FILE, load_scan, save_triggers, weights_sha256
+from hf_gradprune.synth import PULL_BACK_SHARES, ScanConfig, ScanResult, Synthesised, evidence, pull_back
 from hf_gradprune.triggers import TriggerSpec, make_trigger
 
 ALPHA = 0.10  # the default accuracy bound
@@ -338,3 +340,41 @@ def test_synthesis_flags_are_checked(timm_backdoor, tmp_path, capsys):
         assert not (tmp_path / "o").exists()
     assert run_cli("scan", b["model"], "--data", Path(tmp_path / "missing"), "--quiet") == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_a_saved_scan_reads_back_as_the_scan_it_was(tmp_path):
+    """What `--from-scan` reads is the scan that was written: verdict, evidence (the screen's ranks included, whose
+    class keys JSON turns into strings), suspects and every suspect's trigger, tied to the weights by their digest."""
+    model = _Toy(0.2)
+    gen = torch.Generator().manual_seed(0)
+
+    def trigger(family: str, c: int) -> Synthesised:
+        mask = torch.rand(1, 4, 4, generator=gen) if family == "patch" else torch.full((1, 1, 1), 0.1)
+        return Synthesised(family, c, mask, 255 * torch.rand(3, 4, 4, generator=gen), float(mask.mean()), 0.95)
+
+    found = {c: {f: trigger(f, c) for f in ("patch", "blend")} for c in (0, 1)}
+    per_class = [{"class": c, "patch_size": 0.1 / (1 + a), "blend_size": 0.1, "patch_flip": 0.95,
+                  "blend_flip": 0.95, "patch_anomaly": a, "blend_anomaly": a, "anomaly": a}
+                 for c, a in ((0, 4.0), (1, 3.0), (2, 0.1))]
+    result = ScanResult(True, 0, 0, 4.0, "patch", [0, 1, 2], per_class, found[0],
+                        {"screen_promise": {0: 0.1, 1: 0.2, 2: 0.9}}, asdict(ScanConfig()), {"scan": 12.0}, [0, 1])
+    result.suspect_triggers = {c: found[c] for c in result.defence_targets}
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    save_triggers(result, folder)
+    report = {**json.loads(json.dumps(result.to_dict())), "config": {"scan": asdict(ScanConfig())},
+              "source": {"weights_sha256": weights_sha256(model)}}
+    (folder / SCAN_FILE).write_text(json.dumps(report))
+
+    back = load_scan(folder, weights_sha256(model), num_classes=3)
+    assert evidence(back) == evidence(result) and "rank 1 of 3" in evidence(back)
+    assert (back.backdoored, back.target, back.defence_targets, back.family) == (True, 0, [0, 1], "patch")
+    assert back.per_class == result.per_class and back.timing_s["scan"] == 0.0
+    for c in (0, 1):
+        for family in ("patch", "blend"):
+            a, b = back.suspect_triggers[c][family], found[c][family]
+            assert torch.equal(a.mask, b.mask) and torch.equal(a.pattern, b.pattern) and a.size == b.size
+    with pytest.raises(UserError, match="made on other weights"):
+        load_scan(folder, weights_sha256(_Toy(0.3)), num_classes=3)
+    with pytest.raises(UserError, match="classes this model does not have"):
+        load_scan(folder, weights_sha256(model), num_classes=2)
