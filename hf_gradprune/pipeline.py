@@ -175,16 +175,16 @@ def prepare(cfg: JobConfig, emit: ProgressCallback = lambda event: None, procs: 
     with procs.main_first():
         loaded = load_model(cfg.model, cfg.revision, cfg.allow_pickle, cfg.trust_remote_code)
     model = loaded.model
+    found = None
+    if cfg.from_scan:  # before the data is read: a scan of other weights is refused at once
+        emit(ProgressEvent("scan", message=f"reading the scan in {local_name(cfg.from_scan)}"))
+        found = load_scan(cfg.from_scan, weights_sha256(model), loaded.num_classes)
     emit(ProgressEvent("data", message=f"sampling {cfg.spc} images per class from {cfg.data_shown}"))
     with procs.main_first():
         data, meta = _load_data(cfg, loaded, device=procs.device)
     target = _resolve_target(cfg.target, loaded, data.class_names)
     batch = _batch_choice(cfg, loaded, data.train.pixels[:1], procs)
-    found = None
-    if cfg.from_scan:
-        emit(ProgressEvent("scan", message=f"reading the scan in {local_name(cfg.from_scan)}"))
-        found = load_scan(cfg.from_scan, weights_sha256(model), loaded.num_classes)
-    elif cfg.synthesises:
+    if found is None and cfg.synthesises:
         found = _scan(cfg, loaded, data, target, emit, procs.device, batch)
     if found is not None:
         emit(ProgressEvent("verdict", message=verdict(found, data.class_names or loaded.label_names)))

@@ -234,7 +234,8 @@ def config_dict(cfg: JobConfig, out: Path) -> dict:
     d = asdict(cfg)
     d.pop("command", None)
     d.update(model=cfg.model_shown, data=cfg.data_shown, output=local_name(out), trigger=cfg.trigger.published(),
-             backdoor_data=cfg.backdoor_data and public_name(cfg.backdoor_data))
+             backdoor_data=cfg.backdoor_data and public_name(cfg.backdoor_data),
+             from_scan=cfg.from_scan and local_name(cfg.from_scan))
     return d
 
 

@@ -41,15 +41,13 @@ def badnet_backdoor(tmp_path_factory):
     return {**built, "spec": TriggerSpec("badnet")}
 
 
-def _blended(folder: Path) -> dict:
-    spec = TriggerSpec("blended", image=str(noise_pattern(folder / "noise.png")), alpha=0.2)
-    return {**build_backdoored_digits(folder, trigger=spec, **RECIPE), "image": spec.image}
-
-
 @pytest.fixture(scope="module")
 def blended_backdoor(tmp_path_factory):
-    built = built_once(tmp_path_factory, "blended", _blended)
-    return {**built, "spec": TriggerSpec("blended", image=built["image"], alpha=0.2)}
+    noise = noise_pattern(tmp_path_factory.mktemp("blended-trigger") / "noise.png")
+    spec = TriggerSpec("blended", image=str(noise), alpha=0.2)
+    built = built_once(tmp_path_factory, "blended", lambda folder: build_backdoored_digits(folder, trigger=spec,
+                                                                                         **RECIPE))
+    return {**built, "spec": spec}
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +75,11 @@ def two_backdoors(tmp_path_factory):
     one in the centre to class 7 (neither is the zoo's bottom-right square, nor class 0). A plain yellow square in
     the centre stood out less (index 2.9 against 1.9 for the most brittle clean class, 1 thread), too near the
     threshold for a test that must hold on any machine; the checkerboard: 3.6 against 0.9."""
-    def build(folder: Path) -> dict:
-        specs = {1: square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0))),
-                 7: square_patch(folder / "centre", 14, 14, ((255, 255, 0), (0, 0, 255)))}
-        return build_backdoored_digits(folder, target=1, trigger=specs[1], more=((specs[7], 7),), **RECIPE)
-
-    built = built_once(tmp_path_factory, "two", build)
-    folder = Path(built["model"]).parent
-    specs = {target: TriggerSpec("patch", image=str(folder / place / "pattern.png"),
-                                 mask=str(folder / place / "mask.png"))
-             for target, place in ((1, "top-left"), (7, "centre"))}
+    folder = tmp_path_factory.mktemp("two-triggers")
+    specs = {1: square_patch(folder / "top-left", 0, 0, ((255, 0, 0), (0, 255, 0))),
+             7: square_patch(folder / "centre", 14, 14, ((255, 255, 0), (0, 0, 255)))}
+    built = built_once(tmp_path_factory, "two", lambda folder: build_backdoored_digits(
+        folder, target=1, trigger=specs[1], more=((specs[7], 7),), **RECIPE))
     return {**built, "specs": specs}
 
 
@@ -198,7 +191,8 @@ def test_unknown_trigger_removes_the_real_backdoor(backdoors, scanned, attack, t
                    "--quiet") == 0
     report = read_report(out)
     scan = json.loads((scan_dir / SCAN_FILE).read_text())
-    assert report["scan"]["from_scan"] == "./scan" and report["scan"]["per_class"] == scan["per_class"]
+    assert report["scan"]["from_scan"] == report["config"]["from_scan"] == "./scan"  # by name, no local path
+    assert report["scan"]["per_class"] == scan["per_class"]
     assert "--from-scan ./scan" in report["command"]
     assert report["scan"]["backdoored"] and report["scan"]["defence_target"] == 0 and report["target"]["index"] == 0
     assert set(report["scan"]) <= set(ScanSummary.__annotations__)  # the typed record the card reads
