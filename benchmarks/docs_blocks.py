@@ -75,6 +75,13 @@ def detection(part: str = "both", page: str = "docs/detection.md") -> str:
     return bench.results_block(part, page)
 
 
+def architectures(variant: str | None = None) -> str:
+    """The architecture benchmark (benchmarks/architectures.py): one variant's table per family, or (no variant)
+    every variant's dev and test summary."""
+    import architectures as bench
+    return bench.summary_table() if variant is None else bench.table(variant)
+
+
 def blind_rows(folder: str, compare: str | None = None) -> str:
     """A blind tier's rows one by one (target found, ACC and ASR before -> after), beside another folder's row of
     the same cell where `compare` names one."""
@@ -153,6 +160,8 @@ MACHINES = {"avx512": "Intel Xeon, AVX-512 / AMX, 2 cores", "avx2": "AMD EPYC, A
 # each published folder: (what it holds, the command that makes it, the machine's tag in MACHINES); the searches
 # under experiments/ are described from their names (tier, machine tag, variants.py's variant)
 FOLDERS = {
+    "architectures": ("digits models of ten families, BadNets, SPC 10, seeds 0-2: what the defence costs, dev / test",
+                      "python benchmarks/architectures.py run --variant VARIANT", "epyc"),
     "cpu": ("cpu tier: Grad-Prune in the paper's recipe and the six baselines, SPC 2 / 10 / 100",
             "python benchmarks/tiers.py cpu", ""),
     "cpu-avx2": ("cpu tier, both recipes at SPC 10 on another machine's models",
@@ -190,6 +199,7 @@ FOLDERS = {
 
 
 EXPERIMENTS = {  # the searches whose names carry no variant
+    "architectures-unlearning": "benchmarks/unlearning_cost.py: the default defence replayed with one change, dev",
     "blind-rounds-avx512": "logs of benchmarks/blind_rounds.py: round by round, the pull-back's shares",
     "tune-length-avx512": "logs of benchmarks/tune_length.py: the fine-tuning step budget",
     "cpu-avx512-units": "the ResNet rows rerun with the unit engine (--tag avx512-units): all 36 identical",
@@ -237,7 +247,7 @@ def results_index() -> str:
 
 BLOCKS = {"results-index": results_index, "recipes": recipes, "baselines": baselines, "tier-table": tier_table,
           "results-file": results_file, "blind-rows": blind_rows,
-          "json-table": json_table, "detection": detection, "headline": headline}
+          "json-table": json_table, "detection": detection, "headline": headline, "architectures": architectures}
 FILES = ("README.md", "docs/*.md", "benchmarks/results/README.md")
 
 

@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file
 
 from conftest import PRUNING, built_once, read_report, run_cli
-from hf_gradprune.demo import build_backdoored_digits
+from hf_gradprune.demo import TINY_VIT, build_backdoored_digits, digits_architectures
 from hf_gradprune.hub import Classifier, load_model
 from hf_gradprune.units import KINDS, UnitPruner, find_units
 from test_errors import assert_one_line_error
@@ -32,7 +32,6 @@ def hf_net(config, **kw):
     return build
 
 
-TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3)
 TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(2, 4))
 ARCHS = {  # name: (builder, the unit kinds it must have)
     "timm-vit": (timm_net("vit_tiny_patch16_224", **TINY_VIT), {"head", "neuron"}),
@@ -136,25 +135,9 @@ def test_a_residual_stream_channel_is_never_a_unit():
         assert stream not in layers and not any(name.endswith(("fc2", "proj")) for name in layers)
 
 
-SMALL_SWIN = dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))
-E2E = {  # a tiny digits model of each family with a real BadNets backdoor, defended through the CLI (kinds: ARCHS)
-    "timm-vit": dict(arch="vit_tiny_patch16_224", model_args=TINY_VIT, epochs=20),
-    "timm-deit-distilled": dict(arch="deit_tiny_distilled_patch16_224", model_args=TINY_VIT, epochs=20),
-    "timm-swin": dict(arch="swin_tiny_patch4_window7_224", model_args=SMALL_SWIN, epochs=15),
-    "timm-convnext": dict(arch="convnext_atto", model_args=dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)),
-                          epochs=10),
-    "timm-mobilenetv3": dict(arch="mobilenetv3_small_050", model_args={}, epochs=15),
-    "timm-resnetv2": dict(arch="resnetv2_18", model_args=dict(channels=(16, 32, 64, 128), stem_chs=16), epochs=10),
-    # hidden 48 / 3 heads reached only 73 % ACC, and on one thread its fine-tuning then lost 13 points: too weak a
-    # model to say anything about the defence; hidden 64 / 4 heads: 77 % and +2 points on 1 and 2 threads alike
-    "hf-vit": dict(library="transformers", config=transformers.ViTConfig(
-        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
-        epochs=20),
-    "hf-swin": dict(library="transformers", config=transformers.SwinConfig(
-        image_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4), epochs=15),
-    "hf-convnext": dict(library="transformers", config=transformers.ConvNextConfig(
-        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_stages=4), epochs=10),
-}  # transformers ResNet: tests/test_main_job.py
+# a tiny digits model of each family with a real BadNets backdoor, defended through the CLI (kinds: ARCHS); the
+# transformers ResNet: tests/test_main_job.py
+E2E = {name: recipe for name, recipe in digits_architectures().items() if name != "hf-resnet"}
 
 
 @pytest.fixture(scope="module", params=list(E2E))

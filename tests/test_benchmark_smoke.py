@@ -108,3 +108,19 @@ def test_blind_summary_counts_a_missed_backdoor_at_its_full_asr():
             for s, a, r in ((0, 0.75, 0.5), (1, 0.65, 0.3), (2, 0.1, 0.1))]
     line = blind_vs_baselines(rows, base).splitlines()[2]
     assert line == "| d | 2 | badnet | 0,1 | 80.0 / 90.0 | 75.0 / 46.0 | 70.0 / 40.0 |", line
+
+
+def test_architecture_benchmark_is_split_before_any_choice_and_summarised_apart():
+    """Dev (chosen on) is five families on seeds 0-1; every other family, and every dev family's seed 2, is test."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from architectures import DEV, SEEDS, split_of, summarise
+    from hf_gradprune.demo import digits_architectures
+    families = digits_architectures()
+    dev = {(f, s) for f in families for s in SEEDS if split_of(f, s) == "dev"}
+    assert len(families) == 10 and {f for f, _ in dev} == set(DEV) and len(dev) == 10
+    assert all(split_of(f, s) == "test" for f in families if f not in DEV for s in SEEDS)
+    assert all(split_of(f, max(SEEDS)) == "test" for f in DEV)
+    rows = [{"acc_drop": d, "after": {"asr": a}} for d, a in ((0.01, 0.02), (0.05, 0.0), (-0.01, 0.04))]
+    got = summarise(rows)
+    assert got["n"] == 3 and abs(got["acc_drop_mean"] - 0.05 / 3) < 1e-12 and got["acc_drop_max"] == 0.05
+    assert got["asr_after_max"] == 0.04 and abs(got["asr_after_mean"] - 0.02) < 1e-12

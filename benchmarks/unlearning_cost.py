@@ -1,0 +1,146 @@
+"""Where the default defence's accuracy goes, on the architecture benchmark's dev models (benchmarks/architectures.py;
+dev only: this is where a recipe is chosen). Each variant replays the default known-trigger defence at SPC 10 (the
+robust recipe: no pruning, distillation fine-tuning on the clean images and their triggered twins) with one change:
+
+- `clean-only`: the same fine-tuning on the clean images alone (no twins): what fine-tuning costs without unlearning;
+- optimiser changes: FT-SAM's adaptive step (`sam2`), gradient-norm clipping (`clip1`, `clip0.1`), an L2-SP pull
+  toward the original weights (`l2sp1`, `l2sp10`), the distillation targets alone (`distill-only`), random crops
+  (`crop`), only the first or the second half of the parameters trained (`first-half`, `second-half`);
+- `pull-back-S`: the default's weights moved back toward the original, keeping share S of the change.
+
+    python benchmarks/unlearning_cost.py [--shard 0/2] [--threads 1]    # rows, then the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from architectures import RESULTS as ARCH_RESULTS  # noqa: E402
+from architectures import digits_architectures, split_of, trained  # noqa: E402
+from hf_gradprune.config import build_config  # noqa: E402
+from hf_gradprune.finetune import TuneConfig, finetune, probabilities  # noqa: E402
+from hf_gradprune.metrics import attack_metrics  # noqa: E402
+from hf_gradprune.pipeline import prepare  # noqa: E402
+from hf_gradprune.synth import toward  # noqa: E402
+
+RESULTS = ARCH_RESULTS.parent / "experiments" / "architectures-unlearning"
+PULL_BACK = (0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+class SteeredSGD(torch.optim.SGD):
+    """The defence's SGD with the gradient clipped to a norm, or pulled toward the starting weights (L2-SP)."""
+
+    def __init__(self, params: list, cfg: TuneConfig, clip: float | None = None, l2sp: float | None = None):
+        super().__init__(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.trained = [p for g in self.param_groups for p in g["params"]]
+        self.start = [p.detach().clone() for p in self.trained]
+        self.clip, self.l2sp = clip, l2sp
+
+    def step(self, closure=None):
+        with torch.enable_grad():
+            loss = closure()
+        for p, s in zip(self.trained, self.start):
+            if self.l2sp and p.grad is not None:
+                p.grad.add_(p.detach() - s, alpha=self.l2sp)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.trained, self.clip)
+        super().step()
+        return loss
+
+
+def steered(**kw):
+    return lambda params, cfg: SteeredSGD(params, cfg, **kw)
+
+
+# name -> (TuneConfig changes, optimiser maker, which half of the parameters trains)
+VARIANTS = {"default": ({}, None, None), "clean-only": ({}, None, None), "sam2": ({"sam_rho": 2.0}, None, None),
+            "clip1": ({}, steered(clip=1.0), None), "clip0.1": ({}, steered(clip=0.1), None),
+            "l2sp1": ({}, steered(l2sp=1.0), None), "l2sp10": ({}, steered(l2sp=10.0), None),
+            "distill-only": ({"hard_labels": 0.0}, None, None), "crop": ({"augment": "crop"}, None, None),
+            "first-half": ({}, None, "first"), "second-half": ({}, None, "second")}
+
+
+def replay(family: str, seed: int, variant: str) -> dict:
+    """The default defence's fine-tuning, as methods/gradprune.py runs it at SPC 10, with the variant's change."""
+    built = trained(family, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config({"model": str(built["model"]), "data": str(built["data"]), "output": f"{tmp}/out",
+                            "seed": seed})
+    changes, make_optimizer, half = VARIANTS[variant]
+    if changes.get("sam_rho"):  # as methods/gradprune.py takes FT-SAM's step
+        from hf_gradprune.methods.ftsam import sam_optimizer
+        make_optimizer = sam_optimizer(changes["sam_rho"])
+    torch.manual_seed(seed)
+    job = prepare(cfg)
+    t, model, target = job.tensors, job.loaded.model, job.metrics_target
+    before = attack_metrics(model, t.test, t.trig_test, t.test_y, target, job.batch_size)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if half:
+        params = list(model.parameters())
+        for p in params[len(params) // 2:] if half == "first" else params[:len(params) // 2]:
+            p.requires_grad_(False)
+    soft = probabilities(model, t.train, job.batch_size)
+    x, y, s = ((t.train, t.train_y, soft) if variant == "clean-only" else
+               (torch.cat([t.train, t.trig_train]), torch.cat([t.train_y, t.train_y]), torch.cat([soft, soft])))
+    finetune(model, x, y, t.val, t.val_y, replace(cfg.tune, **changes), None, cfg.seed, val_triggered=t.trig_val,
+             soft_targets=s, make_optimizer=make_optimizer, chunk_size=job.batch_size)
+    out = {"family": family, "seed": seed, "variant": variant, "before": before.acc, "asr_before": before.asr}
+    after = attack_metrics(model, t.test, t.trig_test, t.test_y, target, job.batch_size)
+    out |= {"acc_drop": before.acc - after.acc, "asr": after.asr}
+    if variant == "default":
+        defended = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for share in PULL_BACK:
+            model.load_state_dict({k: toward(original[k], v, share) for k, v in defended.items()})
+            m = attack_metrics(model, t.test, t.trig_test, t.test_y, target, job.batch_size)
+            out[f"pull-back-{share}"] = {"acc_drop": before.acc - m.acc, "asr": m.asr}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    by: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append((r["acc_drop"], r["asr"]))
+        for share in PULL_BACK:
+            if f"pull-back-{share}" in r:
+                by.setdefault(f"pull-back-{share}", []).append((r[f"pull-back-{share}"]["acc_drop"],
+                                                                r[f"pull-back-{share}"]["asr"]))
+    lines = ["| variant | rows | ACC drop mean (max) | ASR after mean (max) |", "|---|---|---|---|"]
+    for name, xs in by.items():
+        lines.append(f"| {name} | {len(xs)} | {100 * statistics.fmean(d for d, _ in xs):.1f} "
+                     f"({100 * max(d for d, _ in xs):.1f}) | {100 * statistics.fmean(a for _, a in xs):.1f} "
+                     f"({100 * max(a for _, a in xs):.1f}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shard", default="0/1", help="I/N: every N-th row from the I-th (parallel workers)")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cells = [(f, s, v) for s in (0, 1) for f in digits_architectures() if split_of(f, s) == "dev" for v in VARIANTS]
+    i, n = (int(v) for v in args.shard.split("/"))
+    for family, seed, variant in cells[i::n]:
+        path = RESULTS / "rows" / f"{family}-s{seed}-{variant}.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(replay(family, seed, variant), indent=1))
+    rows = [json.loads(q.read_text()) for q in sorted((RESULTS / "rows").glob("*.json"))]
+    heading = "# Where the default defence's accuracy goes (dev models)\n\n"
+    (RESULTS / "table.md").write_text(heading + table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
