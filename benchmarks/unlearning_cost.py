@@ -61,12 +61,30 @@ def steered(**kw):
     return lambda params, cfg: SteeredSGD(params, cfg, **kw)
 
 
-# name -> (TuneConfig changes, optimiser maker, which half of the parameters trains)
+def focus(model: torch.nn.Module, clean: torch.Tensor, twins: torch.Tensor, labels: torch.Tensor, share: float) -> None:
+    """Train only the parameter tensors the unlearning loss points at: ranked by the norm of the triggered twins'
+    cross-entropy gradient over the clean images' (both to the true labels), the top `share` of them by count."""
+    def grads(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.train()
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        out = {n: p.grad.norm() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+    g_twin, g_clean = grads(twins), grads(clean)
+    ratio = {n: float(g_twin[n] / (g_clean[n] + 1e-12)) for n in g_twin}
+    keep = set(sorted(ratio, key=ratio.get, reverse=True)[:max(1, round(share * len(ratio)))])
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+
+
+# name -> (TuneConfig changes, optimiser maker, which half of the parameters trains, or "focus-S")
 VARIANTS = {"default": ({}, None, None), "clean-only": ({}, None, None), "sam2": ({"sam_rho": 2.0}, None, None),
             "clip1": ({}, steered(clip=1.0), None), "clip0.1": ({}, steered(clip=0.1), None),
             "l2sp1": ({}, steered(l2sp=1.0), None), "l2sp10": ({}, steered(l2sp=10.0), None),
             "distill-only": ({"hard_labels": 0.0}, None, None), "crop": ({"augment": "crop"}, None, None),
-            "first-half": ({}, None, "first"), "second-half": ({}, None, "second")}
+            "first-half": ({}, None, "first"), "second-half": ({}, None, "second"),
+            "focus-0.1": ({}, None, 0.1), "focus-0.25": ({}, None, 0.25), "focus-0.5": ({}, None, 0.5)}
 
 
 def replay(family: str, seed: int, variant: str) -> dict:
@@ -84,7 +102,9 @@ def replay(family: str, seed: int, variant: str) -> dict:
     t, model, target = job.tensors, job.loaded.model, job.metrics_target
     before = attack_metrics(model, t.test, t.trig_test, t.test_y, target, job.batch_size)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if half:
+    if isinstance(half, float):
+        focus(model, t.train, t.trig_train, t.train_y, half)
+    elif half:
         params = list(model.parameters())
         for p in params[len(params) // 2:] if half == "first" else params[:len(params) // 2]:
             p.requires_grad_(False)
