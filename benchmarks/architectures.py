@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -66,7 +67,8 @@ def trained(family: str, seed: int, log=print) -> dict:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=CACHE.parent if CACHE.parent.is_dir() else None) as tmp:
             built = build_backdoored_digits(Path(tmp), seed=seed, **digits_architectures()[family])
-            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # what an interrupted run left
+            folder.mkdir(parents=True)
             for part in ("model", "data"):
                 Path(tmp, part).rename(folder / part)
         info.write_text(json.dumps({"asr": built["asr"], "training_runs": built["training_runs"],
