@@ -43,6 +43,8 @@ VARIANTS: dict[str, list[str]] = {  # name -> the CLI flags it adds to the defau
     "steps80": ["--max-steps", "80"],
     "distill10": ["--distill", "10"],
     "lr3e-4": ["--lr", "0.0003"],
+    "prune": ["--max-rounds", "500"],  # the robust recipe's pruning rules, switched on at SPC 10
+    "prune-steps80": ["--max-rounds", "500", "--max-steps", "80"],
 }
 
 
