@@ -110,6 +110,12 @@ def rows(variant: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
+def cost_cells(m: dict) -> str:
+    """A summary's two table cells: ACC drop and ASR after, mean (max), in points."""
+    return (f"{_pts(m['acc_drop_mean'])} ({_pts(m['acc_drop_max'])}) | "
+            f"{_pts(m['asr_after_mean'])} ({_pts(m['asr_after_max'])})")
+
+
 def summarise(rs: list[dict]) -> dict:
     drops = [r["acc_drop"] for r in rs]
     asrs = [r["after"]["asr"] for r in rs]
@@ -166,8 +172,7 @@ def summary_table() -> str:
         for part, m in parts.items():
             if m["n"]:
                 lines.append(f"| {variant} | `{' '.join(VARIANTS[variant]) or '-'}` | {part} | {m['n']} | "
-                             f"{_pts(m['acc_drop_mean'])} ({_pts(m['acc_drop_max'])}) | "
-                             f"{_pts(m['asr_after_mean'])} ({_pts(m['asr_after_max'])}) |")
+                             f"{cost_cells(m)} |")
     return "\n".join(lines)
 
 

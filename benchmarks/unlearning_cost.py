@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from dataclasses import replace
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import RESULTS as ARCH_RESULTS  # noqa: E402
-from architectures import digits_architectures, split_of, trained  # noqa: E402
+from architectures import cost_cells, digits_architectures, split_of, summarise, trained  # noqa: E402
 from hf_gradprune.config import build_config  # noqa: E402
 from hf_gradprune.finetune import TuneConfig, finetune, probabilities  # noqa: E402
 from hf_gradprune.metrics import attack_metrics  # noqa: E402
@@ -63,7 +62,9 @@ def steered(**kw):
 
 def focus(model: torch.nn.Module, clean: torch.Tensor, twins: torch.Tensor, labels: torch.Tensor, share: float) -> None:
     """Train only the parameter tensors the unlearning loss points at: ranked by the norm of the triggered twins'
-    cross-entropy gradient over the clean images' (both to the true labels), the top `share` of them by count."""
+    cross-entropy gradient over the clean images' (both to the true labels), the top `share` of them by count.
+    The two ranking passes run in train mode, so a batch-norm model's running statistics also move one step each
+    before the fine-tuning (as the committed `focus-*` rows were measured)."""
     def grads(x: torch.Tensor) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         model.train()
@@ -126,18 +127,16 @@ def replay(family: str, seed: int, variant: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    by: dict[str, list[tuple[float, float]]] = {}
+    by: dict[str, list[dict]] = {}
     for r in rows:
-        by.setdefault(r["variant"], []).append((r["acc_drop"], r["asr"]))
+        by.setdefault(r["variant"], []).append({"acc_drop": r["acc_drop"], "after": {"asr": r["asr"]}})
         for share in PULL_BACK:
             if f"pull-back-{share}" in r:
-                by.setdefault(f"pull-back-{share}", []).append((r[f"pull-back-{share}"]["acc_drop"],
-                                                                r[f"pull-back-{share}"]["asr"]))
+                pulled = r[f"pull-back-{share}"]
+                by.setdefault(f"pull-back-{share}", []).append({"acc_drop": pulled["acc_drop"],
+                                                                "after": {"asr": pulled["asr"]}})
     lines = ["| variant | rows | ACC drop mean (max) | ASR after mean (max) |", "|---|---|---|---|"]
-    for name, xs in by.items():
-        lines.append(f"| {name} | {len(xs)} | {100 * statistics.fmean(d for d, _ in xs):.1f} "
-                     f"({100 * max(d for d, _ in xs):.1f}) | {100 * statistics.fmean(a for _, a in xs):.1f} "
-                     f"({100 * max(a for _, a in xs):.1f}) |")
+    lines += [f"| {name} | {len(rs)} | {cost_cells(summarise(rs))} |" for name, rs in by.items()]
     return "\n".join(lines)
 
 
