@@ -8,6 +8,8 @@ fine-tuning), in these configurations (--configs):
 - `1`: one process, torch's default threads (all cores);
 - `1t`: one process, OMP_NUM_THREADS=1, which is what each process of a 2-process CPU job gets;
 - `2`: `accelerate launch --multi_gpu --num_processes 2` (a gloo group on CPU: ACCELERATE_USE_CPU=true);
+- `1n`: one process in a process group (`torchrun --nproc_per_node 1`; an NCCL group on a GPU), the distributed path
+  where only one device is (`accelerate launch --multi_gpu` refuses fewer than 2 processes);
 - `1-bf16`, `1-fp16`: one process with `--mixed-precision` (GPU machines).
 Per configuration: the median wall time of the whole command (launcher included) and of each stage from the report,
 and, against the first configuration, whether the pruned filters and the before / after metrics are the same and the
@@ -41,6 +43,13 @@ STAGES = ("load", "evaluate_before", "prune", "finetune", "evaluate_after")
 def command(config: str, args: list[str]) -> tuple[list[str], dict]:
     env = {**os.environ}
     bindir = Path(sys.executable).parent
+    if config == "1n":
+        # one process in a process group (NCCL on a GPU, gloo on CPU): the distributed path where one device is.
+        # `accelerate launch --multi_gpu` refuses fewer than 2 processes; torchrun sets the same LOCAL_RANK / WORLD_SIZE
+        # that accelerate's state reads to start the group
+        if not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "true"
+        return [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "hf_gradprune", *args], env
     if config.startswith("1"):
         cmd = [sys.executable, "-m", "hf_gradprune", *args]
         if config == "1t":
@@ -88,10 +97,10 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--eval-limit", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--configs", nargs="*", default=None, help="default: 1 1t 2 on CPU, 1 1-bf16 on one GPU")
+    ap.add_argument("--configs", nargs="*", default=None, help="default: 1 1t 2 on CPU, 1 1-bf16 1n on one GPU")
     args = ap.parse_args(argv)
     gpus = torch.cuda.device_count()
-    configs = args.configs or (["1", "1t", "2"] if not gpus else ["1", "1-bf16"] + ([str(gpus)] if gpus > 1 else []))
+    configs = args.configs or (["1", "1t", "2"] if not gpus else ["1", "1-bf16", str(gpus) if gpus > 1 else "1n"])
     zoo = backdoored("cifar10", "badnet", TIERS["cpu"].recipes["cifar10"], args.data, args.cache)
     job_args = [str(zoo.folder), "--data", str(zoo.dataset_folder), "--spc", str(args.spc), "--target", "0",
                 "--alpha", "0.99", "--prune-patience", str(args.rounds + 1), "--max-rounds", str(args.rounds),

@@ -112,11 +112,17 @@ BatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Te
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 0.05,
                      batch_size: int = 64, seed: int = 0, augment: bool = False, flip: bool = True,
                      schedule: Literal["onecycle", "cosine"] = "onecycle", batch_fn: BatchFn | None = None,
-                     on_epoch: Callable[[int], None] | None = None) -> nn.Module:
+                     on_epoch: Callable[[int], None] | None = None, label_smoothing: float = 0.0,
+                     channels_last: bool = False, checkpoint: Path | None = None) -> nn.Module:
     """SGD (momentum 0.9, wd 5e-4) on uint8 HWC images (the Classifier wrapper normalises).
 
-    batch_fn changes each uint8 batch before augmentation (attacks poisoned on the fly, such as BPP)."""
+    batch_fn changes each uint8 batch before augmentation (attacks poisoned on the fly, such as BPP).
+    checkpoint: a file the loop writes after every epoch (weights, optimiser, schedule and both random states) and
+    resumes from, so that a model too slow for one sitting is built over several with the same weights as in one.
+    channels_last: train in that memory layout (faster convolutions on CPU); the model comes back contiguous."""
     torch.manual_seed(seed)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     xs = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     ys = torch.from_numpy(y)
     device = next(model.parameters()).device  # batches follow the model (the benchmark's GPU tiers move it there)
@@ -125,8 +131,9 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15) \
         if schedule == "onecycle" else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(seed)
+    start = _resume(checkpoint, model, opt, sched, gen)
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         model.train()
         order = torch.randperm(len(ys), generator=gen)
         for s in range(0, len(ys), batch_size):
@@ -139,12 +146,40 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int
             if augment:
                 batch = random_crop_flip(batch, gen, flip=flip)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(batch.to(device, non_blocking=True)), labels.to(device)).backward()
+            batch = batch.to(device, non_blocking=True).contiguous(memory_format=layout)
+            F.cross_entropy(model(batch), labels.to(device),
+                            label_smoothing=label_smoothing).backward()
             opt.step()
             sched.step()
+        if checkpoint is not None:
+            _save_state(checkpoint, epoch + 1, model, opt, sched, gen)
         if on_epoch:
             on_epoch(epoch + 1)
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()  # safetensors saves contiguous tensors only
+
+
+def _save_state(path: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator) -> None:
+    state = {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "gen": gen.get_state(), "torch_rng": torch.get_rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a sitting that dies mid-write leaves the previous epoch's state
+
+
+def _resume(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator) -> int:
+    """The epoch to start from: 0, or the one after the last the checkpoint holds (its states restored)."""
+    if path is None or not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"])
 
 
 def timm_classifier(arch: str, label_names: list[str], size: int = 32, mean: Sequence[float] = MEAN,

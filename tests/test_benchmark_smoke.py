@@ -124,3 +124,28 @@ def test_architecture_benchmark_is_split_before_any_choice_and_summarised_apart(
     got = summarise(rows)
     assert got["n"] == 3 and abs(got["acc_drop_mean"] - 0.05 / 3) < 1e-12 and got["acc_drop_max"] == 0.05
     assert got["asr_after_max"] == 0.04 and abs(got["asr_after_mean"] - 0.02) < 1e-12
+
+
+def test_paper_tier_models_see_what_the_tool_sees(tmp_path):
+    """The paper-cpu tier's model reads 32 px images resized to 64 by its own preprocessing: the zoo poisons and trains
+    on exactly the pixels the tool decodes for that model when it loads the saved folder (the trigger lives at the
+    same resolution for attacker and defender)."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hf_gradprune.demo import save_timm, timm_classifier
+    from hf_gradprune.hub import load_model
+    from tiers import TIERS
+    from zoo import preprocessed
+    recipe = TIERS["paper-cpu"].recipes["cifar10"]
+    assert recipe.input_size == 64
+    names = [f"c{i}" for i in range(10)]
+    model = timm_classifier(recipe.arch, names, size=recipe.input_size, **recipe.model_args)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    ours = preprocessed(model, images)
+    assert ours.shape == (5, 64, 64, 3)
+    loaded = load_model(str(save_timm(model, tmp_path / "model", recipe.model_args, names)))
+    assert loaded.input_size == (64, 64)
+    tools = loaded.to_pixels([Image.fromarray(im) for im in images])  # (N, 3, H, W)
+    assert np.array_equal(ours, tools.transpose(0, 2, 3, 1))
