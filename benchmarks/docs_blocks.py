@@ -183,6 +183,8 @@ FOLDERS = {
                   "python benchmarks/detection.py train|scan|report", "epyc"),
     "multiproc": ("1 against 2 processes (accelerate launch): time, same pruning and numbers",
                   "python benchmarks/multiproc.py --spc 100 --rounds 6 --epochs 3 --repeats 3", "avx512"),
+    "paper-cpu": ("paper tier on CPU: timm ResNet-18 (half width) reading 64 px, at the paper's clean accuracy",
+                  "python benchmarks/tiers.py paper-cpu", "avx2"),
     "scale-avx512": ("224-px resnet50 / ViT-B/16 at 10-1000 classes: memory, time per round",
                      "python benchmarks/scale.py --tag avx512", "avx512"),
     "scan-cost-avx512": ("the scan's time at 10 / 100 / 1000 classes (the probe)",
@@ -193,6 +195,8 @@ FOLDERS = {
     "smoke": ("the smoke tier on digits: both recipes and the baselines (the test suite runs it)",
               "python benchmarks/tiers.py smoke", ""),
     "speed": ("a pruning round's time against its forward + backward floor", "python benchmarks/speed.py", ""),
+    "train-speed": ("minutes per CIFAR-10 epoch of the paper-cpu tier's model and the candidates it was chosen from",
+                    "python benchmarks/train_speed.py --threads 1", "avx2"),
     "streaming-avx512": ("a large test set held against streamed: memory, time",
                          "python benchmarks/streaming.py --images 2000 --tag avx512", "avx512"),
 }
