@@ -183,7 +183,7 @@ FOLDERS = {
                   "python benchmarks/detection.py train|scan|report", "epyc"),
     "multiproc": ("1 against 2 processes (accelerate launch): time, same pruning and numbers",
                   "python benchmarks/multiproc.py --spc 100 --rounds 6 --epochs 3 --repeats 3", "avx512"),
-    "paper-cpu": ("paper tier on CPU: timm ResNet-18 (half width) reading 64 px, at the paper's clean accuracy",
+    "paper-cpu": ("paper tier on CPU: timm ResNet-18 (half width) reading 64 px, aiming at the paper's accuracy",
                   "python benchmarks/tiers.py paper-cpu", "avx2"),
     "scale-avx512": ("224-px resnet50 / ViT-B/16 at 10-1000 classes: memory, time per round",
                      "python benchmarks/scale.py --tag avx512", "avx512"),
