@@ -162,7 +162,7 @@ def table(rows: dict, cpu: dict, device: str) -> str:
                          if k in fig)
     keys = {"paper-cell": ["train_s", "defence_s", "acc_before", "acc_after", "asr_before", "asr_after"],
             "vit-scan": ["steps", "s_per_step", "full_scan_s"], "vit-round": ["round_s", "floor_s", "batch"]}
-    lines = [f"| check | {device} | exit | CPU (2 cores) |", "|---|---|---|---|"]
+    lines = [f"| check | {device} | exit | committed CPU figure |", "|---|---|---|---|"]
     for name in CHECKS:
         r = rows.get(name) or {}
         if name == "accelerate":
