@@ -38,6 +38,7 @@ MULTIPROC_CPU = RESULTS / "multiproc" / "cpu-2cores.json"
 SCALE_CPU = RESULTS / "scale-avx512" / "rows" / f"cell-{VIT}-10-spc10-bauto.json"
 FULL_STEPS = 150  # ScanConfig.steps, the default a user's scan runs
 CHECKS = ("paper-cell", "accelerate", "vit-scan", "vit-round")
+CELL = ("cifar10", "badnet", 10, 0)  # the paper-cell check's (dataset, attack, SPC, seed)
 GPU_SCAN_STEPS = (10, 30)
 SCAN_IMAGE_PASSES = 20 * FULL_STEPS * 64  # 10 classes x 2 trigger families, 150 steps, 64 images a step
 LIMITS_S = {"paper-cell": 210, "accelerate": 150, "vit-scan": 80, "vit-round": 40}  # the 8 minutes, 480 s
@@ -61,10 +62,12 @@ def run(cmd: list[str], limit_s: float) -> tuple[int, float, str]:
 
 
 def paper_cell(data: Path, cache: Path) -> dict:
-    cmd = [sys.executable, "benchmarks/tiers.py", "paper-cpu", "--data", str(data), "--only", "cifar10", "badnet",
-           "--spc", "10", "--seeds", "0", "--method", "gradprune", "--tag", "gpu", "--cache", str(cache)]
+    dataset, attack, spc, seed = CELL
+    cmd = [sys.executable, "benchmarks/tiers.py", "paper-cpu", "--data", str(data), "--only", dataset, attack,
+           "--spc", str(spc), "--seeds", str(seed), "--method", "gradprune", "--tag", "gpu", "--cache", str(cache)]
     code, wall, tail = run(cmd, LIMITS_S["paper-cell"])
-    row_file = RESULTS / "paper-cpu-gpu" / "rows" / "cifar10-badnet-spc10-seed0.json"
+    from tiers import row_path
+    row_file = row_path(RESULTS / "paper-cpu-gpu", *CELL)
     row = json.loads(row_file.read_text()) if code == 0 and row_file.is_file() else None
     return {"check": "paper-cell", "exit": code, "wall_s": wall, "tail": None if row else tail,
             "figures": _cell_figures(row) if row else None}
@@ -118,11 +121,11 @@ def vit_scan(steps: tuple[int, int], limit_s: float) -> dict:
 
 
 def vit_round(tag: str) -> dict:
-    """`tag`: the results folder scale-<tag>."""
+    """`tag`: the results folder scale-<tag> (gpu, or cpu-check for a dry run on a CPU)."""
     results = RESULTS / f"scale-{tag}"
     cmd = [sys.executable, "benchmarks/scale.py", "--models", VIT, "--classes", "10", "--rounds", "2",
            "--floor-repeats", "1", "--results", str(results)]
-    code, wall, tail = run(cmd, LIMITS_S["vit-round"] if tag == "gpu" else 3600)
+    code, wall, tail = run(cmd, LIMITS_S["vit-round"])
     figures = _scale_row(results / "rows" / f"cell-{VIT}-10-spc10-bauto.json") if code == 0 else None
     return {"check": "vit-round", "exit": code, "wall_s": wall, "tail": None if figures else tail,
             "figures": figures}
@@ -130,7 +133,8 @@ def vit_round(tag: str) -> dict:
 
 def cpu_figures() -> dict:
     """The committed CPU figures each check is compared with (None where none is committed)."""
-    cell = RESULTS / "paper-cpu" / "rows" / "cifar10-badnet-spc10-seed0.json"
+    from tiers import row_path
+    cell = row_path(RESULTS / "paper-cpu", *CELL)
     return {"paper-cell": _cell_figures(json.loads(cell.read_text())) if cell.is_file() else None,
             "accelerate": {r["config"]: {"wall_s": r["wall_s"], "processes": r["processes"]["count"]}
                            for r in json.loads(MULTIPROC_CPU.read_text())["rows"]} if MULTIPROC_CPU.is_file() else None,

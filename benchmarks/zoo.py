@@ -57,7 +57,7 @@ class Recipe:
     batch_size: int = 128
     schedule: str = "cosine"
     label_smoothing: float = 0.0
-    channels_last: bool = False  # faster convolutions on CPU (1.3-1.6x for a ResNet, measured); other weights' bits
+    channels_last: bool = False  # faster training on CPU (1.2-1.4x, benchmarks/train_speed.py); other weights' bits
     input_size: int | None = None  # the model's input resolution (its preprocessing resizes to it); None: the data's
     poison_rate: float = 0.1
     bpp_neg_rate: float = 0.2  # BPP's negative samples per batch (BackdoorBench: 0.2 in its original_default.yaml
@@ -145,8 +145,9 @@ def backdoored(dataset: str, attack: str, recipe: Recipe, data_root: Path, cache
     before_s = float(earlier_s.read_text()) if checkpoint.is_file() and earlier_s.is_file() else 0.0
 
     def on_epoch(e: int) -> None:
-        earlier_s.write_text(f"{before_s + time.perf_counter() - t0:.1f}")
-        log(f"  {dataset}/{attack}: epoch {e}/{recipe.epochs} {before_s + time.perf_counter() - t0:.0f} s")
+        elapsed = before_s + time.perf_counter() - t0
+        earlier_s.write_text(f"{elapsed:.1f}")
+        log(f"  {dataset}/{attack}: epoch {e}/{recipe.epochs} {elapsed:.0f} s")
 
     train_classifier(model, x, y, recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed,
                      augment=spec.augment, flip=spec.flip, schedule=recipe.schedule, batch_fn=batch_fn,
@@ -168,17 +169,15 @@ def backdoored(dataset: str, attack: str, recipe: Recipe, data_root: Path, cache
     return ZooModel(folder, data_dir, {**info, "weights_sha256": weights_sha256(folder)})
 
 
-def preprocessed(model, images: np.ndarray) -> np.ndarray:
-    """uint8 HWC images through the timm model's own evaluation transform (resize and crop, no normalisation), as
-    hf_gradprune.hub's to_pixels applies it to a user's images."""
+def preprocessed(model, images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """uint8 HWC images through the timm model's own evaluation transform (hf_gradprune.hub's, the one the tool
+    applies to a user's images), a chunk at a time."""
     from PIL import Image
-    from timm.data import create_transform, resolve_data_config
-    transform = create_transform(**resolve_data_config({}, model=model.net), is_training=False, use_prefetcher=True)
-    first = np.asarray(transform(Image.fromarray(images[0])))
-    out = np.empty((len(images), *first.shape[1:], first.shape[0]), dtype=np.uint8)
-    for i, im in enumerate(images):
-        out[i] = np.asarray(transform(Image.fromarray(im))).transpose(1, 2, 0)
-    return out
+
+    from hf_gradprune.hub import timm_preprocessing
+    to_pixels = timm_preprocessing(model.net)[1]
+    return np.concatenate([to_pixels([Image.fromarray(im) for im in images[i:i + chunk]]).transpose(0, 2, 3, 1)
+                           for i in range(0, len(images), chunk)])
 
 
 def weights_sha256(folder: Path) -> str:

@@ -143,10 +143,21 @@ def load_model(source: str, revision: str | None = None, allow_pickle: bool = Fa
     return loader(local, cfg, source, resolved, allow_pickle, trust_remote_code)
 
 
+def timm_preprocessing(net: nn.Module) -> tuple[dict, Callable[[list[Image.Image]], np.ndarray]]:
+    """A timm model's data config and its evaluation transform as PIL images -> uint8 (N, 3, H, W): the resize and
+    crop its pretrained_cfg asks for, no normalisation (the Classifier wrapper normalises)."""
+    from timm.data import create_transform, resolve_data_config
+    data_cfg = resolve_data_config({}, model=net)
+    transform = create_transform(**data_cfg, is_training=False, use_prefetcher=True)  # uint8 CHW
+
+    def to_pixels(images: list[Image.Image]) -> np.ndarray:
+        return np.stack([np.asarray(transform(img.convert("RGB")), dtype=np.uint8) for img in images])
+    return data_cfg, to_pixels
+
+
 def _load_timm(local: Path, cfg: dict, source: str, revision: str | None, allow_pickle: bool,
                trust_remote_code: bool) -> LoadedModel:
     import timm
-    from timm.data import create_transform, resolve_data_config
     try:
         net = timm.create_model(f"local-dir:{local}", pretrained=False)
     except RuntimeError as e:
@@ -158,12 +169,7 @@ def _load_timm(local: Path, cfg: dict, source: str, revision: str | None, allow_
     except RuntimeError as e:
         raise UserError(f"MODEL {source}: weights do not match architecture {cfg['architecture']!r} "
                         f"({str(e).splitlines()[0]})") from None
-    data_cfg = resolve_data_config({}, model=net)
-    transform = create_transform(**data_cfg, is_training=False, use_prefetcher=True)  # uint8 CHW, no normalisation
-
-    def to_pixels(images: list[Image.Image]) -> np.ndarray:
-        return np.stack([np.asarray(transform(img.convert("RGB")), dtype=np.uint8) for img in images])
-
+    data_cfg, to_pixels = timm_preprocessing(net)
     model = Classifier(net.eval(), "timm", 1 / 255, data_cfg["mean"], data_cfg["std"])
     names = cfg.get("label_names") or (cfg.get("pretrained_cfg") or {}).get("label_names")
     preprocessing = {k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
