@@ -37,14 +37,19 @@ RESULTS = ROOT / "results" / "architectures"
 SEEDS = (0, 1, 2)
 DEV = ("timm-vit", "timm-convnext", "timm-mobilenetv3", "hf-swin", "hf-resnet")  # chosen on, seeds 0-1
 DEV_SEEDS = (0, 1)
+NO_VIEWS = ["--clean-views", "0", "--twin-repeats", "1"]  # the default before issue 31: the variants below it were
+#                                                           measured against it
 VARIANTS: dict[str, list[str]] = {  # name -> the CLI flags it adds to the default job
     "default": [],
     "paper": ["--recipe", "paper"],
-    "steps80": ["--max-steps", "80"],
-    "distill10": ["--distill", "10"],
-    "lr3e-4": ["--lr", "0.0003"],
-    "prune": ["--max-rounds", "500"],  # the robust recipe's pruning rules, switched on at SPC 10
-    "prune-steps80": ["--max-rounds", "500", "--max-steps", "80"],
+    "views0": NO_VIEWS,
+    "steps80": [*NO_VIEWS, "--max-steps", "80"],
+    "distill10": [*NO_VIEWS, "--distill", "10"],
+    "lr3e-4": [*NO_VIEWS, "--lr", "0.0003"],
+    "prune": [*NO_VIEWS, "--max-rounds", "500"],  # the robust recipe's pruning rules, switched on at SPC 10
+    "prune-steps80": [*NO_VIEWS, "--max-rounds", "500", "--max-steps", "80"],
+    "prune-views": ["--max-rounds", "500"],  # the architecture tests' settings
+    "views4-twins1": ["--twin-repeats", "1"],  # the clean views alone (rows measured with the shifted views only)
 }
 
 

@@ -204,6 +204,7 @@ FOLDERS = {
 
 EXPERIMENTS = {  # the searches whose names carry no variant
     "architectures-unlearning": "benchmarks/unlearning_cost.py: the default defence replayed with one change, dev",
+    "architectures-views": "benchmarks/unlearning_cost.py --out ...: clean views against the default before issue 31",
     "blind-rounds-avx512": "logs of benchmarks/blind_rounds.py: round by round, the pull-back's shares",
     "tune-length-avx512": "logs of benchmarks/tune_length.py: the fine-tuning step budget",
     "cpu-avx512-units": "the ResNet rows rerun with the unit engine (--tag avx512-units): all 36 identical",

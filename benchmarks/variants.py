@@ -36,6 +36,12 @@ VARIANTS: dict[str, tuple] = {
                              "n-lr003 on the distillation targets alone (no true labels)"),
     "n-hard03-lr003": ("robust", {}, {**_LR003, "patience": 10, "hard_labels": 0.3},
                        "n-lr003 with the true labels at weight 0.3"),
+    # --- issue 31: the robust recipe with clean views (4 shifted copies of each clean image, each twin counted twice),
+    # chosen on the architecture benchmark's dev models and measured here on models it was not chosen on
+    "views4": ("robust", {}, {"clean_views": 4, "twin_repeats": 2},
+               "robust with 4 shifted clean views per image and each twin counted twice (issue 31)"),
+    "views0": ("robust", {}, {"clean_views": 0, "twin_repeats": 1},
+               "robust as it was before issue 31: no clean views, each twin once"),
     "r-latest30": ("robust", {}, {"select": "latest_within_alpha", "max_epochs": 30, "patience": 10},
                    "robust, 30 epochs (cosine over 30), keeping the last epoch within alpha"),
     "r-patience10": ("robust", {}, {"patience": 10}, "robust with the paper's fine-tuning patience of 10"),

@@ -133,6 +133,8 @@ def _check_defence(o: argparse.Namespace) -> None:
     _at_least("--max-epochs", o.max_epochs, 0, "0 or more")
     _at_least("--max-steps", o.max_steps, 0, "0 (no step limit) or more")
     _at_least("--distill", o.distill, 0, "0 or more")
+    _at_least("--clean-views", o.clean_views, 0, "0 (none) or more")
+    _at_least("--twin-repeats", o.twin_repeats, 1, "at least 1")
     if o.lr is not None and o.lr <= 0:
         raise UserError(f"--lr {o.lr}: must be positive")
     if not 0 < o.fp_step < 1:
@@ -202,7 +204,8 @@ def build_config(values: Mapping[str, Any], command: Command = "defend") -> JobC
         **common, eval_split=o.eval_split, val_ratio=o.val_ratio, eval_limit=o.eval_limit,
         trigger=TriggerSpec(o.trigger, o.trigger_image, o.trigger_mask, o.blend_alpha, o.bpp_levels),
         backdoor_data=o.backdoor_data, recipe=o.recipe, method=o.method,
-        tune=_tune(tune if o.distill is None else replace(tune, distill=o.distill), o),
+        tune=_tune(replace(tune, **{k: v for k, v in (("distill", o.distill), ("clean_views", o.clean_views),
+                                                          ("twin_repeats", o.twin_repeats)) if v is not None}), o),
         prune=replace(prune, alpha=o.alpha, patience=o.prune_patience, score=o.score, normalise=o.score_norm,
                       max_rounds=prune.max_rounds if o.max_rounds is None else o.max_rounds),
         baseline=BaselineConfig(tune=_tune(replace(BaselineConfig().tune, alpha=o.alpha), o), fp_step=o.fp_step,

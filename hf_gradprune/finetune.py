@@ -60,6 +60,11 @@ class TuneConfig:
     #                                  half of triggered twins would otherwise move them away from clean images
     sam_rho: float = 0.0  # Grad-Prune: > 0 takes FT-SAM's adaptive sharpness-aware step (methods/ftsam.py) with
     #                       this rho
+    clean_views: int = 0  # Grad-Prune: this many shifted copies of each clean training image (`shifted_views`) join
+    #                       the fine-tuning, taught their true label and the original model's output on them, so the
+    #                       unlearning must keep the original's behaviour on that many more clean images
+    twin_repeats: int = 1  # Grad-Prune: each triggered twin is this many rows of the fine-tuning set, its weight in the
+    #                        loss against the clean images and their views (more views hold the function harder)
 
 
 @dataclass
@@ -114,6 +119,14 @@ def augment(pixels: torch.Tensor, mode: Augmentation, gen: torch.Generator) -> t
         flip = torch.rand(n, generator=gen) < 0.5
         out[flip.to(out.device)] = out[flip.to(out.device)].flip(-1)
     return out
+
+
+def shifted_views(pixels: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`k` shifted copies of every image (a random crop of it zero-padded by 1/8 of its side, as `augment` draws),
+    drawn once from `seed`, and per copy the row of `pixels` it shows. A shifted copy leaves a corner patch out or
+    moves it, so only CLEAN images are shifted: a triggered twin keeps its trigger where the attacker put it."""
+    src = torch.arange(len(pixels), device=pixels.device).repeat(k)
+    return augment(pixels[src], "crop" if k else "none", torch.Generator().manual_seed(seed)), src
 
 
 def finetune(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, val_pixels: torch.Tensor,

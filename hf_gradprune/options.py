@@ -142,6 +142,13 @@ def add_defence(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distill", type=float,
                    help="gradprune: weight of distilling the original model's output on each clean image into the "
                         "image and its triggered twin (robust recipe 3; paper 0 = true labels only)")
+    g.add_argument("--clean-views", type=int,
+                   help="gradprune: shifted copies of each clean training image that also learn the original "
+                        "model's output, so unlearning keeps its behaviour on more clean images (robust recipe with a "
+                        "known trigger 4, else 0)")
+    g.add_argument("--twin-repeats", type=int,
+                   help="gradprune: rows each triggered twin takes in the fine-tuning set, its weight against the "
+                        "clean images and their views (robust recipe with a known trigger 2, else 1)")
     g.add_argument("--augment", choices=AUGMENTATIONS,
                    help="crop = random crop with 1/8-side zero padding; crop-flip adds horizontal flips (off for "
                         "images where left and right differ in meaning, e.g. traffic signs)")

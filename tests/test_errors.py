@@ -131,6 +131,8 @@ def test_bad_numbers(run_bad):
     run_bad("--alpha", "1.5", expect=("--alpha 1.5",))
     run_bad("--max-rounds", "0", expect=("--max-rounds 0",))
     run_bad("--distill", "-1", expect=("--distill -1",))
+    run_bad("--clean-views", "-1", expect=("--clean-views -1", "0 (none) or more"))
+    run_bad("--twin-repeats", "0", expect=("--twin-repeats 0", "at least 1"))
     run_bad("--batch-size", "0", expect=("--batch-size 0", "at least 1, or auto"))
     run_bad("--batch-size", "many", expect=("--batch-size many", "whole number"))
     run_bad("--max-memory", "lots", expect=("--max-memory lots", "4GiB"))

@@ -15,7 +15,7 @@ from hf_gradprune.cli import job_config
 from hf_gradprune.finetune import TuneConfig
 from hf_gradprune.pipeline import JobConfig, prepare
 from hf_gradprune.prune import CheckStats, FilterPruner, PruneConfig, filter_scores
-from hf_gradprune.recipes import RECIPES, recipe_configs
+from hf_gradprune.recipes import CLEAN_VIEWS, RECIPES, TWIN_REPEATS, recipe_configs
 from test_main_job import assert_backdoor_removed
 
 ALPHA = 0.10  # the default; the trap tests run at half the trap's cost when that is less (_make_trap)
@@ -146,6 +146,12 @@ def test_recipes_are_named_sets_over_the_paper_defaults():
     assert (cfg.tune.lr, cfg.tune.max_epochs, cfg.tune.schedule) == (0.005, 7, robust_tune.schedule)
     cfg, _ = job_config(["m", "--data", "d", "--distill", "0"])
     assert cfg.tune == replace(robust_tune, distill=0.0)
+    assert (robust_tune.clean_views, robust_tune.twin_repeats) == (CLEAN_VIEWS, TWIN_REPEATS) and CLEAN_VIEWS > 0
+    assert (paper_tune.clean_views, paper_tune.twin_repeats) == (0, 1)
+    cfg, _ = job_config(["m", "--data", "d", "--clean-views", "0", "--twin-repeats", "1"])
+    assert cfg.tune == replace(robust_tune, clean_views=0, twin_repeats=1)
+    cfg, _ = job_config(["m", "--data", "d", "--clean-views", "2", "--method", "ft"])  # Grad-Prune's own flags
+    assert cfg.tune.clean_views == 2 and (cfg.baseline.tune.clean_views, cfg.baseline.tune.twin_repeats) == (0, 1)
     assert JobConfig(model="m", data="d", recipe="paper").prune == PruneConfig()
 
 
@@ -169,7 +175,8 @@ def test_a_synthesised_trigger_fine_tunes_for_a_step_budget_not_100_epochs():
     from hf_gradprune.finetune import run_epochs
     from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
     assert recipe_configs("robust", 9, synthesised=True)[1] == replace(recipe_configs("robust", 9)[1],
-                                                                       max_steps=SYNTHESISED_TUNE_STEPS)
+                                                                       max_steps=SYNTHESISED_TUNE_STEPS,
+                                                                       clean_views=0, twin_repeats=1)
     assert recipe_configs("robust", 9)[1].max_steps is None
     assert recipe_configs("paper", 9, synthesised=True) == recipe_configs("paper", 9)
     for argv, steps in (([], None), (["--trigger", "unknown"], SYNTHESISED_TUNE_STEPS),
@@ -221,3 +228,22 @@ def test_distilling_one_hot_targets_is_cross_entropy():
         return net[1].weight.detach()
 
     torch.testing.assert_close(run(distill=1.0, hard_labels=0.0), run(), rtol=1e-5, atol=1e-6)
+
+
+def test_clean_views_are_shifted_copies_drawn_once_from_the_seed():
+    """Each view is its source image moved by at most 1/8 of the side with zeros shifted in, so a few-shot set grows
+    by whole images the original model can be asked about; the same seed draws the same views on any machine."""
+    import torch.nn.functional as F
+
+    from hf_gradprune.finetune import shifted_views
+    pixels = torch.randint(1, 256, (5, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    views, src = shifted_views(pixels, 3, seed=7)
+    assert views.shape == (15, 3, 16, 16) and views.dtype == torch.uint8 and src.tolist() == [0, 1, 2, 3, 4] * 3
+    again, _ = shifted_views(pixels, 3, seed=7)
+    assert torch.equal(views, again) and not torch.equal(views, shifted_views(pixels, 3, seed=8)[0])
+    padded = F.pad(pixels, (2, 2, 2, 2))
+    for view, i in zip(views, src.tolist()):  # one of the 25 placements of its own source image
+        assert any(torch.equal(view, padded[i, :, y:y + 16, x:x + 16]) for y in range(5) for x in range(5))
+    assert sum(not torch.equal(v, pixels[i]) for v, i in zip(views, src.tolist())) >= 10  # most of them moved
+    empty, none = shifted_views(pixels, 0, seed=7)
+    assert empty.shape == (0, 3, 16, 16) and len(none) == 0

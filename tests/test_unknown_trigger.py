@@ -20,10 +20,11 @@ from PIL import Image
 from conftest import built_once, read_report, run_cli
 from hf_gradprune.demo import build_backdoored_digits, digits, noise_pattern
 from hf_gradprune.errors import UserError
-from hf_gradprune.finetune import TuneConfig, run_epochs
+from hf_gradprune.finetune import run_epochs
 from hf_gradprune.hub import load_model
+from hf_gradprune.methods.gradprune import tuning_rows
 from hf_gradprune.metrics import attack_metrics
-from hf_gradprune.recipes import SYNTHESISED_TUNE_STEPS
+from hf_gradprune.recipes import recipe_configs
 from hf_gradprune.report import SCAN_FILE, TRIGGER_FILE, ScanSummary
 from hf_gradprune.saved_scan import TRIGGERS_FILE, load_scan, save_triggers, weights_sha256
 from hf_gradprune.synth import PULL_BACK_SHARES, ScanConfig, ScanResult, Synthesised, evidence, pull_back
@@ -205,7 +206,8 @@ def test_unknown_trigger_removes_the_real_backdoor(backdoors, scanned, attack, t
     # still stood out before it
     rounds = report["scan"]["unlearning"]["rounds"]
     assert len(rounds) > 1 and all(isinstance(r["target_anomaly"], float) for r in rounds[1:])
-    budget = run_epochs(TuneConfig(max_steps=SYNTHESISED_TUNE_STEPS), 2 * report["data"]["n_train"])
+    tune = recipe_configs("robust", synthesised=True)[1]
+    budget = run_epochs(tune, tuning_rows(tune, report["data"]["n_train"]))
     assert all(r["finetune_epochs"] <= budget < 100 for r in rounds if "finetune_epochs" in r)
     # then the weights were pulled back toward the original as far as every synthesised trigger stayed out: the
     # search went down the shares in order and stopped at the first that let one back in (or at the last)

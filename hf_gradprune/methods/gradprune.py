@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import UserError
-from ..finetune import finetune, probabilities, run_epochs
+from ..finetune import finetune, probabilities, run_epochs, shifted_views
 from ..plot import plot_curve, plot_rounds
 from ..progress import ProgressEvent
 from ..prune import PruneRound, gradient_prune, round_floor
@@ -36,6 +36,9 @@ def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
                         "neurons, attention heads); fine-tune without pruning: --method ft")
     # what a triggered image should give: the original model's output on its CLEAN twin, taken before any change
     clean_outputs = probabilities(model, t.train, job.batch_size) if cfg.tune.distill > 0 else None
+    views, shown = shifted_views(t.train, cfg.tune.clean_views, cfg.seed)
+    view_outputs = (None if clean_outputs is None else
+                    probabilities(model, views, job.batch_size) if len(views) else clean_outputs[:0])
     if cfg.prune.max_rounds:
         emit(ProgressEvent("prune", total=cfg.prune.max_rounds, message=f"scoring {describe_units(pruner.counts())}"))
 
@@ -52,20 +55,22 @@ def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
                    (torch.cat([t.val, t.train]), torch.cat([t.trig_val, t.trig_train])))
         timing["round_floor"] = round_floor(model, pruner, t.trig_train, t.train_y, *checked, job.batch_size)
     start = time.perf_counter()
-    epochs = run_epochs(cfg.tune, 2 * len(t.train_y))
+    twins = cfg.tune.twin_repeats
+    rows = torch.cat([t.train, *[t.trig_train] * twins, views])
+    labels = torch.cat([t.train_y, *[t.train_y] * twins, t.train_y[shown]])
+    soft = None if clean_outputs is None else torch.cat([clean_outputs, *[clean_outputs] * twins, view_outputs])
+    epochs = run_epochs(cfg.tune, tuning_rows(cfg.tune, len(t.train_y)))
     emit(ProgressEvent("finetune", total=epochs, message="fine-tuning on clean + triggered images"))
     make_optimizer = None
     if cfg.tune.sam_rho > 0:
         from .ftsam import sam_optimizer
         make_optimizer = sam_optimizer(cfg.tune.sam_rho)
-    tuned = finetune(model, torch.cat([t.train, t.trig_train]), torch.cat([t.train_y, t.train_y]),
-                     t.val, t.val_y, cfg.tune, pruner, cfg.seed,
+    tuned = finetune(model, rows, labels, t.val, t.val_y, cfg.tune, pruner, cfg.seed,
                      lambda e, loss: emit(ProgressEvent("finetune", step=e, total=epochs,
                                                         values={"val_loss": loss})), procs=job.procs,
                      reference_correct=round(pruned.base_val_acc * len(t.val_y)), val_triggered=t.trig_val,
                      make_optimizer=make_optimizer,
-                     soft_targets=None if clean_outputs is None else torch.cat([clean_outputs, clean_outputs]),
-                     chunk_size=job.batch_size)
+                     soft_targets=soft, chunk_size=job.batch_size)
     timing["finetune"] = time.perf_counter() - start
     layers = len({p["layer"] for p in pruned.pruned})
     where = "validation split" if cfg.prune.check_on == "val" else "clean few-shot images (train + validation)"
@@ -95,6 +100,11 @@ def defend(job: Prepared, cfg: JobConfig, emit: ProgressCallback) -> Defence:
                    plot_finetune(tuned, path))
 
 
+def tuning_rows(tune_cfg: TuneConfig, n_train: int) -> int:
+    """Rows of Grad-Prune's fine-tuning set: each clean training image, its twin `twin_repeats` times, its views."""
+    return n_train * (1 + tune_cfg.twin_repeats + tune_cfg.clean_views)
+
+
 def describe_units(counts: dict[str, int]) -> str:
     """{"filter": 3, "head": 1} -> "3 conv filters and 1 attention head"."""
     names = {"filter": "conv filter", "neuron": "MLP neuron", "head": "attention head"}
@@ -118,7 +128,13 @@ def targets(tune_cfg: TuneConfig) -> str:
     if tune_cfg.distill > 0:
         parts.append("the original model's output on the clean image" +
                      (f" (weight {tune_cfg.distill:g})" if tune_cfg.hard_labels > 0 else ""))
-    return "both learn " + " and ".join(parts)
+    both = "both learn " + " and ".join(parts)
+    if tune_cfg.twin_repeats > 1:
+        both += f", each twin counted {tune_cfg.twin_repeats} times"
+    if tune_cfg.clean_views:
+        both += (f"; {tune_cfg.clean_views} shifted copies of each clean image learn its true label and the original "
+                 "model's output on the copy")
+    return both
 
 
 def score_desc(prune_cfg: PruneConfig) -> str:
