@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import RESULTS as ARCH_RESULTS  # noqa: E402
 from architectures import cost_cells, digits_architectures, split_of, summarise, trained  # noqa: E402
 from hf_gradprune.config import build_config  # noqa: E402
-from hf_gradprune.finetune import TuneConfig, finetune, probabilities  # noqa: E402
+from hf_gradprune.finetune import TuneConfig, finetune, probabilities, shifted_views  # noqa: E402
 from hf_gradprune.metrics import attack_metrics  # noqa: E402
 from hf_gradprune.pipeline import prepare  # noqa: E402
 from hf_gradprune.synth import toward  # noqa: E402
@@ -90,11 +90,10 @@ def views(pixels: torch.Tensor, k: int, kind: str, seed: int) -> tuple[torch.Ten
     """`k` new clean images per few-shot image, drawn once: shifted copies ("shift": a random crop of the image padded
     by 1/8 of its side) or mixtures of two few-shot images ("mix": weight U(0.2, 0.8) on the first). Returns the
     images and, per image, the row of `pixels` it mostly shows."""
+    if kind == "shift":  # what --clean-views K adds
+        return shifted_views(pixels, k, seed)
     gen = torch.Generator().manual_seed(seed)
     src = torch.arange(len(pixels)).repeat(k)
-    if kind == "shift":
-        from hf_gradprune.finetune import augment
-        return augment(pixels[src], "crop", gen), src
     other = torch.randint(0, len(pixels), (len(src),), generator=gen)
     w = (0.2 + 0.6 * torch.rand(len(src), generator=gen)).view(-1, 1, 1, 1)
     mixed = (w * pixels[src].float() + (1 - w) * pixels[other].float()).round().to(pixels.dtype)
